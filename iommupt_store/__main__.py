@@ -1,0 +1,3 @@
+from iommupt_store.cli import main
+
+main()

@@ -1,0 +1,110 @@
+"""Alembic, driven from code: no alembic.ini, the scripts ship with the package."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, text
+
+from ..errors import SchemaError
+from .engine import make_engine, sqlite_path, table_names, translate_db_errors
+
+UPGRADE_HINT = "iommupt-store db upgrade"
+
+
+def migrations_dir() -> Path:
+    """The Alembic scripts: inside the installed wheel, or at the top of a checkout."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "_migrations", here.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise SchemaError("the migration scripts are missing from this installation")
+
+
+def alembic_config(
+    url: str, connection: Connection | None = None, stdout: io.TextIOBase | None = None
+) -> Config:
+    cfg = Config(stdout=stdout) if stdout is not None else Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head is not None
+    return head
+
+
+def known_revisions() -> set[str]:
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return {rev.revision for rev in script.walk_revisions()}
+
+
+def current_revision(conn: Connection) -> str | None:
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def check_revision(conn: Connection, url: str) -> None:
+    """Refuse a database that is not at our head revision, saying what to do."""
+    rev = current_revision(conn)
+    head = head_revision()
+    if rev == head:
+        return
+    if rev is None:
+        if table_names(conn):
+            raise SchemaError(f"{url} is not an iommupt-store database (it has tables but no revision)")
+        raise SchemaError(f"{url} holds no iommupt-store schema yet: run 'iommupt-store init'")
+    if rev not in known_revisions():
+        raise SchemaError(
+            f"{url} is at revision {rev}, written by a newer iommupt-store; this version knows up to {head}"
+        )
+    raise SchemaError(f"{url} is at revision {rev}, older than this version's {head}: run '{UPGRADE_HINT}'")
+
+
+def _run(url: str, action: str, revision: str) -> None:
+    # Migrations run with foreign keys off (SQLite's move-and-copy of a referenced
+    # table fails otherwise) and are checked before commit instead.
+    engine = make_engine(url, foreign_keys=False)
+    try:
+        with translate_db_errors(url), engine.begin() as conn:
+            cfg = alembic_config(url, conn)
+            getattr(command, action)(cfg, revision)
+            if conn.dialect.name == "sqlite":
+                bad = conn.execute(text("PRAGMA foreign_key_check")).fetchall()
+                if bad:
+                    raise SchemaError(f"migration to {revision} broke {len(bad)} foreign key(s); rolled back")
+    finally:
+        engine.dispose()
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    _run(url, "upgrade", revision)
+
+
+def downgrade(url: str, revision: str) -> None:
+    _run(url, "downgrade", revision)
+
+
+def is_sqlite_file(url: str) -> bool:
+    return sqlite_path(url) is not None
+
+
+def history() -> list[dict[str, str | None]]:
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    revs = list(script.walk_revisions())[::-1]
+    return [
+        {
+            "revision": r.revision,
+            "down_revision": str(r.down_revision) if r.down_revision else None,
+            "message": r.doc,
+        }
+        for r in revs
+    ]

@@ -1,0 +1,100 @@
+"""SQLAlchemy models: the schema every Alembic revision must match.
+
+The database layer stores pages as opaque bytes; it knows nothing about the
+entries inside them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .types import U64
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Machine(Base):
+    """A host: a name and an amount of RAM. Its memory is its page rows."""
+
+    __tablename__ = "machine"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    mem_bytes: Mapped[int] = mapped_column(U64)
+    page_size: Mapped[int] = mapped_column(Integer, default=4096)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        CheckConstraint("page_size = 4096", name="page_size_4k"),
+        CheckConstraint("mem_bytes > 0", name="mem_positive"),
+    )
+
+
+class Boot(Base):
+    """One running kernel of a machine. The newest row is the current boot."""
+
+    __tablename__ = "boot"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    machine_id: Mapped[int] = mapped_column(ForeignKey("machine.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    #: how the boot ended: NULL while running, 'cold' or 'liveupdate'
+    end_kind: Mapped[str | None] = mapped_column(String(16))
+
+    __table_args__ = (
+        UniqueConstraint("machine_id", "number", name="uq_boot_machine_number"),
+        CheckConstraint("number >= 1", name="number_positive"),
+        CheckConstraint("end_kind IS NULL OR end_kind IN ('cold', 'liveupdate')", name="end_kind_known"),
+        CheckConstraint("(ended_at IS NULL) = (end_kind IS NULL)", name="ended_consistent"),
+    )
+
+
+class Page(Base):
+    """One allocated block of 2**page_order pages. Free memory has no row."""
+
+    __tablename__ = "page"
+
+    machine_id: Mapped[int] = mapped_column(
+        ForeignKey("machine.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    pfn: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    page_order: Mapped[int] = mapped_column(Integer, default=0)
+    #: who holds the page, e.g. 'iommupt', 'test'
+    owner: Mapped[str] = mapped_column(String(64))
+    #: the boot in which the page was allocated (or last re-claimed)
+    boot_id: Mapped[int] = mapped_column(ForeignKey("boot.id"), index=True)
+    contents: Mapped[bytes] = mapped_column(LargeBinary)
+
+    __table_args__ = (
+        CheckConstraint("page_order >= 0 AND page_order <= 18", name="order_range"),
+        CheckConstraint("length(contents) = (4096 << page_order)", name="contents_size"),
+    )

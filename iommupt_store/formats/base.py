@@ -1,0 +1,179 @@
+"""The contract every page-table format implements.
+
+A format is pure: constants, entry encode/decode and its configuration rules.
+It does no I/O and keeps no state; the generic engine (``pagetable.engine``)
+and the hardware walker (``pagetable.walker``) are written only against this
+interface, so adding a format means adding a module and registering it.
+
+Conventions (the kernel's): level 0 holds the smallest leaves; the item size at
+level L is ``2**(12 + 9*L)``; every table is one 4 KiB frame of 512
+little-endian u64 items; sizes are passed as log2 ("lg2").
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+GRANULE_LG2 = 12
+TABLE_ITEMS_LG2 = 9
+ITEMS_PER_TABLE = 1 << TABLE_ITEMS_LG2
+U64_MASK = (1 << 64) - 1
+
+
+class Prot(enum.IntFlag):
+    """Mapping permissions as include/linux/iommu.h numbers them."""
+
+    READ = 1
+    WRITE = 2
+    CACHE = 4
+    NOEXEC = 8
+    MMIO = 16
+    PRIV = 32
+
+
+class EntryType(enum.IntEnum):
+    """What one loaded item is (``enum pt_entry_type``)."""
+
+    EMPTY = 0
+    TABLE = 1
+    OA = 2
+
+
+class Feature(enum.Enum):
+    """``enum pt_features`` by name.
+
+    Stored by name, never by bit number: the kernel renumbers the format bits
+    between versions (PT_FEAT_DETAILED_GATHER moved PT_FEAT_FMT_START).
+    """
+
+    DMA_INCOHERENT = "DMA_INCOHERENT"
+    FULL_VA = "FULL_VA"
+    DYNAMIC_TOP = "DYNAMIC_TOP"
+    SIGN_EXTEND = "SIGN_EXTEND"
+    FLUSH_RANGE = "FLUSH_RANGE"
+    FLUSH_RANGE_NO_GAPS = "FLUSH_RANGE_NO_GAPS"
+    AMDV1_ENCRYPT_TABLES = "AMDV1_ENCRYPT_TABLES"
+    AMDV1_FORCE_COHERENCE = "AMDV1_FORCE_COHERENCE"
+    VTDSS_FORCE_COHERENCE = "VTDSS_FORCE_COHERENCE"
+    VTDSS_FORCE_WRITEABLE = "VTDSS_FORCE_WRITEABLE"
+    X86_64_AMD_ENCRYPT_TABLES = "X86_64_AMD_ENCRYPT_TABLES"
+    RISCV_SVNAPOT_64K = "RISCV_SVNAPOT_64K"
+    RISCV_SVPBMT = "RISCV_SVPBMT"
+
+
+Features = frozenset[Feature]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One decoded item.
+
+    ``addr`` is the child table's physical address for TABLE, the output
+    address of the *whole entry* (start of a contiguous block) for OA, and 0
+    for EMPTY. ``contig_lg2`` is log2 of the number of items forming the entry
+    (0 for a single item).
+    """
+
+    type: EntryType
+    addr: int = 0
+    contig_lg2: int = 0
+
+
+EMPTY = Decoded(EntryType.EMPTY)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a format's init decides for one domain (``fmt_init``)."""
+
+    top_level: int
+    max_vasz_lg2: int
+    max_oasz_lg2: int
+
+
+def item_lg2sz(level: int) -> int:
+    """log2 of the size one item covers at ``level``."""
+    return GRANULE_LG2 + TABLE_ITEMS_LG2 * level
+
+
+def pgsz_lg2_to_level(size_lg2: int) -> int:
+    """The level whose items hold a leaf of ``2**size_lg2`` (contiguous or not)."""
+    return (size_lg2 - GRANULE_LG2) // TABLE_ITEMS_LG2
+
+
+class PageTableFormat(ABC):
+    """One hardware page-table format. Subclasses are stateless singletons."""
+
+    name: ClassVar[str]
+    max_va_lg2: ClassVar[int]
+    max_oa_lg2: ClassVar[int]
+    max_top_level: ClassVar[int]
+    #: features the format can be asked for (production set, ``PT_SUPPORTED_FEATURES``)
+    supported: ClassVar[Features]
+    #: features always on whatever the runtime bits say (``PT_FORCE_ENABLED_FEATURES``)
+    forced: ClassVar[Features] = frozenset()
+    #: the highest software bit index, or None when the format has none
+    max_sw_bit: ClassVar[int | None] = None
+    #: True when the format has hardware dirty bits (amdv1, vtdss)
+    has_dirty: ClassVar[bool] = False
+
+    # -- configuration -------------------------------------------------------
+    @abstractmethod
+    def geometry(
+        self,
+        *,
+        top_level: int | None,
+        hw_max_vasz_lg2: int,
+        hw_max_oasz_lg2: int,
+        features: Features,
+    ) -> Geometry:
+        """The format's ``fmt_init``: pick the top level and clamp VA/OA sizes.
+
+        ``top_level`` is the format's own knob (amdv1 ``starting_level``,
+        x86_64/vtdss ``top_level``; riscv derives it from the VA size and
+        ignores it). Raises the kernel's errors (``InvalidArgument``,
+        ``NotSupported``) for a configuration the format refuses.
+        """
+
+    # -- geometry ------------------------------------------------------------
+    @abstractmethod
+    def possible_sizes(self, level: int) -> int:
+        """Bitmap (bit n set = 2**n bytes) of leaf sizes installable at ``level``."""
+
+    def can_hold_table(self, level: int) -> bool:
+        """Whether an item at ``level`` may point to a lower table."""
+        return level > 0
+
+    # -- entries -------------------------------------------------------------
+    @abstractmethod
+    def decode(self, raw: int, level: int, features: Features) -> Decoded:
+        """Classify one raw item at ``level`` (``pt_load_entry_raw``)."""
+
+    @abstractmethod
+    def leaf_attrs(self, prot: int, features: Features) -> int:
+        """The descriptor bits for a leaf with ``prot`` (``set_prot``).
+
+        Raises the kernel's error when the format refuses ``prot``.
+        """
+
+    @abstractmethod
+    def encode_leaf(self, oa: int, level: int, size_lg2: int, attrs: int) -> int:
+        """The u64 written into *each* item of a leaf of ``2**size_lg2`` at ``oa``."""
+
+    @abstractmethod
+    def encode_table(self, child_phys: int, level: int, features: Features) -> int:
+        """The u64 of an item at ``level`` pointing to the table at ``child_phys``."""
+
+    @abstractmethod
+    def attrs_from_entry(self, raw: int, level: int) -> int:
+        """Recover the descriptor bits ``leaf_attrs`` produced (``attr_from_entry``)."""
+
+    # -- helpers derived from the above ---------------------------------------
+    def effective(self, feature: Feature, features: Features) -> bool:
+        """``pt_feature``: forced wins, unsupported loses, else the runtime bit."""
+        if feature in self.forced:
+            return True
+        return feature in features and feature in self.supported

@@ -1,0 +1,138 @@
+"""A machine as one process sees it: attached to the current boot.
+
+Every operation runs in a ``Transaction``: one database transaction (writers
+take the write lock up front) with one ``Memory`` unit of work, flushed in
+bulk at commit. An exception anywhere rolls everything back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, delete, insert, select, update
+
+from .crash import crashpoint
+from .db.engine import translate_db_errors
+from .db.models import Boot, Machine as MachineRow, Page
+from .errors import InvalidArgument, KernelGone
+from .memory import PAGE_SHIFT, Memory
+from .reports import MachineStatus
+
+if TYPE_CHECKING:
+    from .store import Store
+
+#: called as hook(tx, ended_boot_number, end_kind) when a process starts boot N+1
+BootStartHook = Callable[["Transaction", int, str], None]
+BOOT_START_HOOKS: list[BootStartHook] = []
+
+
+class Transaction:
+    """One unit of work on one machine's current boot."""
+
+    def __init__(self, machine: Machine, conn: Connection) -> None:
+        self.machine = machine
+        self.conn = conn
+        self.memory = Memory(conn, machine.id, machine.boot_id, machine.mem_bytes >> PAGE_SHIFT)
+        #: run before the memory flush, e.g. to write domain rows
+        self.before_flush: list[Callable[[], None]] = []
+        #: per-transaction caches of the layers above (domains by id, ...)
+        self.cache: dict[str, Any] = {}
+
+    def flush(self) -> None:
+        for fn in self.before_flush:
+            fn()
+        self.memory.flush()
+
+
+class Machine:
+    """The kernel of the current boot of one machine, in this process."""
+
+    def __init__(self, store: Store, name: str, mid: int, mem_bytes: int, boot_id: int, boot_number: int):
+        self.store = store
+        self.name = name
+        self.id = mid
+        self.mem_bytes = mem_bytes
+        self.boot_id = boot_id
+        self.boot_number = boot_number
+        self._gone: str | None = None
+
+    @classmethod
+    def attach(cls, store: Store, name: str) -> Machine:
+        with translate_db_errors(store.url), store.writer.begin() as conn:
+            mid = store.machine_id(conn, name)
+            mem_bytes = conn.execute(select(MachineRow.mem_bytes).where(MachineRow.id == mid)).scalar_one()
+            last = conn.execute(
+                select(Boot.id, Boot.number, Boot.end_kind)
+                .where(Boot.machine_id == mid)
+                .order_by(Boot.number.desc())
+                .limit(1)
+            ).first()
+            if last is not None and last.end_kind is None:
+                return cls(store, name, mid, mem_bytes, last.id, last.number)
+            number = 1 if last is None else last.number + 1
+            boot_id = conn.execute(insert(Boot).values(machine_id=mid, number=number)).inserted_primary_key[0]
+            machine = cls(store, name, mid, mem_bytes, boot_id, number)
+            if last is not None:
+                tx = Transaction(machine, conn)
+                for hook in BOOT_START_HOOKS:
+                    hook(tx, last.number, str(last.end_kind))
+                tx.flush()
+            crashpoint("boot_start")
+            return machine
+
+    # -- transactions ------------------------------------------------------------
+    def _check_alive(self) -> None:
+        if self._gone:
+            raise KernelGone(f"boot {self.boot_number} of machine {self.name!r} has ended ({self._gone})")
+
+    def _check_current(self, conn: Connection) -> None:
+        row = conn.execute(select(Boot.end_kind).where(Boot.id == self.boot_id)).first()
+        if row is None or row.end_kind is not None:
+            self._gone = f"ended by another process ({row.end_kind if row else 'deleted'})"
+            self._check_alive()
+
+    @contextlib.contextmanager
+    def transaction(self, *, write: bool = True) -> Iterator[Transaction]:
+        """A unit of work; committed (after a bulk flush) when the block exits normally.
+
+        A read-only transaction (``write=False``) takes no write lock and is
+        always rolled back.
+        """
+        self._check_alive()
+        engine = self.store.writer if write else self.store.engine
+        with translate_db_errors(self.store.url), engine.connect() as conn, conn.begin() as dbtx:
+            self._check_current(conn)
+            tx = Transaction(self, conn)
+            yield tx
+            if write:
+                tx.flush()
+                crashpoint("before_commit")
+            else:
+                dbtx.rollback()
+
+    def end_boot(self, tx: Transaction, kind: str) -> None:
+        """Mark the current boot ended; this object refuses everything afterwards."""
+        tx.conn.execute(
+            update(Boot)
+            .where(Boot.id == self.boot_id)
+            .values(ended_at=dt.datetime.now(dt.UTC), end_kind=kind)
+        )
+        self._gone = "cold reboot" if kind == "cold" else "live update"
+
+    def reboot(self, *, cold: bool = True) -> None:
+        """End this boot. A cold reboot frees all memory; the next open starts boot N+1."""
+        if not cold:
+            raise InvalidArgument("only a cold reboot is done here; a live update is 'liveupdate'")
+        with self.transaction() as tx:
+            tx.conn.execute(delete(Page).where(Page.machine_id == self.id))
+            tx.memory = Memory(tx.conn, self.id, self.boot_id, self.mem_bytes >> PAGE_SHIFT)
+            self.end_boot(tx, "cold")
+
+    def status(self) -> MachineStatus:
+        for m in self.store.status().machines:
+            if m.name == self.name:
+                return m
+        raise AssertionError("machine vanished")  # pragma: no cover

@@ -1,0 +1,294 @@
+"""A machine's physical memory for one unit of work.
+
+The only place that reads or writes page rows. Pages are loaded on first use
+and kept in a cache; allocation, frees, content writes and metadata changes
+stay in memory until ``flush``, which writes each touched page once, in bulk
+(one INSERT, UPDATE and DELETE statement each, executed many). A unit of work
+that is abandoned (an exception) leaves the database untouched.
+
+Allocation is deterministic: the lowest free, naturally aligned block of
+``2**order`` pages, searched from ``FIRST_PFN``. The same sequence of calls on
+the same stored state gives the same PFNs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
+
+from .db.models import Page
+from .errors import InvalidArgument, NotFound, OutOfMemory
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+MAX_ORDER = 18
+#: the first MiB is firmware's, as on a PC: never handed out, so phys 0 is never a table
+FIRST_PFN = 0x100
+
+_PAGES = Page.__table__
+_NATIVE_LE = sys.byteorder == "little"
+_CHUNK = 500
+
+
+@dataclass
+class _CachedPage:
+    order: int
+    meta: dict[str, Any]
+    contents: bytearray | None = None  # None: not loaded yet
+    in_db: bool = True
+    freed: bool = False
+    contents_dirty: bool = False
+    meta_dirty: set[str] = field(default_factory=set)
+
+
+class Allocator:
+    """Lowest-first allocator over the set of allocated blocks."""
+
+    def __init__(self, npages: int, allocated: Iterable[tuple[int, int]]) -> None:
+        self.npages = npages
+        self.covered: set[int] = set()
+        self.top = FIRST_PFN
+        for pfn, order in allocated:
+            self.covered.update(range(pfn, pfn + (1 << order)))
+            self.top = max(self.top, pfn + (1 << order))
+        # every free pfn below ``top``; stale entries are skipped when popped
+        self.holes = [p for p in range(FIRST_PFN, self.top) if p not in self.covered]
+        heapq.heapify(self.holes)
+
+    def alloc(self, order: int) -> int:
+        size = 1 << order
+        if order == 0:
+            while self.holes:
+                pfn = heapq.heappop(self.holes)
+                if pfn not in self.covered:
+                    self.covered.add(pfn)
+                    return pfn
+            return self._take_top(self.top, 1)
+        start = self._first_fit(size)
+        self.covered.update(range(start, start + size))
+        return start
+
+    def _first_fit(self, size: int) -> int:
+        cand = (FIRST_PFN + size - 1) & ~(size - 1)
+        while cand < self.top:
+            clash = next((p for p in range(cand, min(cand + size, self.top)) if p in self.covered), None)
+            if clash is None:
+                return cand if cand + size <= self.top else self._take_top(cand, size)
+            cand = (clash + size) & ~(size - 1)
+        return self._take_top(cand, size)
+
+    def _take_top(self, start: int, size: int) -> int:
+        if start + size > self.npages:
+            raise OutOfMemory(
+                f"machine memory exhausted: no free block of {size} page(s) "
+                f"({self.npages * PAGE_SIZE >> 20} MiB machine)"
+            )
+        for p in range(self.top, start):
+            heapq.heappush(self.holes, p)
+        self.top = max(self.top, start + size)
+        if size == 1:
+            self.covered.add(start)
+        return start
+
+    def free(self, pfn: int, order: int) -> None:
+        for p in range(pfn, pfn + (1 << order)):
+            self.covered.discard(p)
+            heapq.heappush(self.holes, p)
+
+
+class Memory:
+    """Pages of one machine, as seen by one transaction."""
+
+    def __init__(self, conn: Connection, machine_id: int, boot_id: int, npages: int) -> None:
+        self.conn = conn
+        self.machine_id = machine_id
+        self.boot_id = boot_id
+        self.npages = npages
+        self._cache: dict[int, _CachedPage] = {}
+        self._allocator: Allocator | None = None
+
+    # -- allocation ------------------------------------------------------------
+    @property
+    def allocator(self) -> Allocator:
+        if self._allocator is None:
+            rows = self.conn.execute(
+                select(_PAGES.c.pfn, _PAGES.c.page_order).where(_PAGES.c.machine_id == self.machine_id)
+            )
+            allocated = {pfn: order for pfn, order in rows}
+            # reflect this transaction's own changes on top of what is stored
+            for pfn, page in self._cache.items():
+                if page.freed:
+                    allocated.pop(pfn, None)
+                else:
+                    allocated[pfn] = page.order
+            self._allocator = Allocator(self.npages, allocated.items())
+        return self._allocator
+
+    def alloc(self, owner: str, order: int = 0, **meta: Any) -> int:
+        """Allocate a zeroed block of ``2**order`` pages; returns its first PFN."""
+        if not 0 <= order <= MAX_ORDER:
+            raise InvalidArgument(f"page order {order} is outside 0..{MAX_ORDER}")
+        pfn = self.allocator.alloc(order)
+        old = self._cache.get(pfn)
+        page = _CachedPage(
+            order=order,
+            meta={"owner": owner, "boot_id": self.boot_id, **meta},
+            contents=bytearray(PAGE_SIZE << order),
+            in_db=old is not None and old.in_db,  # a block freed and re-used in one transaction
+            contents_dirty=True,
+        )
+        if page.in_db:
+            page.meta_dirty = set(page.meta) | {"page_order"}
+        self._cache[pfn] = page
+        return pfn
+
+    def free(self, pfn: int) -> None:
+        page = self._page(pfn)
+        page.freed = True
+        self.allocator.free(pfn, page.order)
+
+    # -- contents ----------------------------------------------------------------
+    def _page(self, pfn: int) -> _CachedPage:
+        page = self._cache.get(pfn)
+        if page is None:
+            self.load([pfn])
+            page = self._cache.get(pfn)
+        if page is None or page.freed:
+            raise NotFound(f"pfn {pfn:#x} is not allocated memory of this machine")
+        return page
+
+    def load(self, pfns: Iterable[int]) -> None:
+        """Bring pages into the cache with one query per chunk (missing ones are skipped)."""
+        wanted = [p for p in pfns if p not in self._cache or self._cache[p].contents is None]
+        cols = [c for c in _PAGES.c if c.name not in ("machine_id", "pfn", "page_order", "contents")]
+        for i in range(0, len(wanted), _CHUNK):
+            chunk = wanted[i : i + _CHUNK]
+            rows = self.conn.execute(
+                select(_PAGES.c.pfn, _PAGES.c.page_order, _PAGES.c.contents, *cols).where(
+                    _PAGES.c.machine_id == self.machine_id, _PAGES.c.pfn.in_(chunk)
+                )
+            )
+            for row in rows:
+                m = row._mapping
+                self._cache[m["pfn"]] = _CachedPage(
+                    order=m["page_order"],
+                    meta={c.name: m[c.name] for c in cols},
+                    contents=bytearray(m["contents"]),
+                )
+
+    def is_allocated(self, pfn: int) -> bool:
+        try:
+            self._page(pfn)
+        except NotFound:
+            return False
+        return True
+
+    def order(self, pfn: int) -> int:
+        return self._page(pfn).order
+
+    def meta(self, pfn: int) -> Mapping[str, Any]:
+        return self._page(pfn).meta
+
+    def set_meta(self, pfn: int, **values: Any) -> None:
+        page = self._page(pfn)
+        page.meta.update(values)
+        page.meta_dirty.update(values)
+
+    def read(self, pfn: int) -> bytes:
+        contents = self._page(pfn).contents
+        assert contents is not None
+        return bytes(contents)
+
+    def write(self, pfn: int, data: bytes, offset: int = 0) -> None:
+        page = self._page(pfn)
+        assert page.contents is not None
+        if offset < 0 or offset + len(data) > len(page.contents):
+            raise InvalidArgument(f"write of {len(data)} bytes at {offset} overflows pfn {pfn:#x}")
+        page.contents[offset : offset + len(data)] = data
+        page.contents_dirty = True
+
+    def words(self, pfn: int) -> memoryview:
+        """The page as u64 words, read-only."""
+        return self.words_rw(pfn, _dirty=False).toreadonly()
+
+    def words_rw(self, pfn: int, *, _dirty: bool = True) -> memoryview:
+        """The page as writable u64 words; the page is written back at flush."""
+        page = self._page(pfn)
+        assert page.contents is not None
+        if not _NATIVE_LE:  # pragma: no cover - big-endian hosts would need byte swapping
+            raise NotImplementedError("iommupt-store needs a little-endian host")
+        if _dirty:
+            page.contents_dirty = True
+        return memoryview(page.contents).cast("Q")
+
+    # -- persistence -------------------------------------------------------------
+    def flush(self) -> int:
+        """Write every touched page once, in bulk. Returns the number of pages written."""
+        inserts: list[dict[str, Any]] = []
+        updates: dict[frozenset[str], list[dict[str, Any]]] = {}
+        deletes: list[int] = []
+        for pfn, page in self._cache.items():
+            if page.freed:
+                if page.in_db:
+                    deletes.append(pfn)
+                continue
+            if not page.in_db:
+                assert page.contents is not None
+                inserts.append(
+                    {
+                        "machine_id": self.machine_id,
+                        "pfn": pfn,
+                        "page_order": page.order,
+                        "contents": bytes(page.contents),
+                        **page.meta,
+                    }
+                )
+                continue
+            cols = set(page.meta_dirty)
+            if page.contents_dirty:
+                cols.add("contents")
+            if not cols:
+                continue
+            row: dict[str, Any] = {"b_pfn": pfn}
+            for c in cols:
+                if c == "contents":
+                    assert page.contents is not None
+                    row["contents"] = bytes(page.contents)
+                elif c == "page_order":
+                    row["page_order"] = page.order
+                else:
+                    row[c] = page.meta[c]
+            updates.setdefault(frozenset(cols), []).append(row)
+        for i in range(0, len(deletes), _CHUNK):
+            self.conn.execute(
+                delete(_PAGES).where(
+                    _PAGES.c.machine_id == self.machine_id, _PAGES.c.pfn.in_(deletes[i : i + _CHUNK])
+                )
+            )
+        for cols, rows in updates.items():
+            stmt = (
+                update(_PAGES)
+                .where(_PAGES.c.machine_id == self.machine_id, _PAGES.c.pfn == bindparam("b_pfn"))
+                .values({c: bindparam(c) for c in cols})
+            )
+            self.conn.execute(stmt, rows)
+        if inserts:
+            # group by key set: executemany needs identical keys
+            by_keys: dict[frozenset[str], list[dict[str, Any]]] = {}
+            for r in inserts:
+                by_keys.setdefault(frozenset(r), []).append(r)
+            for rows in by_keys.values():
+                self.conn.execute(insert(_PAGES), rows)
+        written = len(inserts) + sum(len(r) for r in updates.values()) + len(deletes)
+        for pfn in [p for p, pg in self._cache.items() if pg.freed]:
+            del self._cache[pfn]
+        for page in self._cache.values():
+            page.in_db = True
+            page.contents_dirty = False
+            page.meta_dirty.clear()
+        return written

@@ -1,0 +1,132 @@
+"""Opening a store: the database, its schema revision and its machines."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Connection, Engine, func, insert, select
+
+from .db import migrate
+from .db.engine import DEFAULT_DB, make_engine, resolve_url, translate_db_errors, writer
+from .db.models import Boot, Machine as MachineRow, Page
+from .errors import AlreadyExists, InvalidArgument, NotFound
+from .memory import PAGE_SIZE
+from .reports import BootInfo, MachineStatus, StoreStatus
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+DEFAULT_MACHINE = "default"
+DEFAULT_MEM_BYTES = 64 << 30
+MAX_MEM_BYTES = 1 << 52  # the widest OA any supported format can address
+ENV_DB = "IOMMUPT_DB"
+
+
+def default_location() -> str:
+    """``$IOMMUPT_DB`` if set, else ``./iommupt.db``."""
+    return os.environ.get(ENV_DB) or DEFAULT_DB
+
+
+class Store:
+    """One database. Cheap to create; holds an engine and nothing else."""
+
+    def __init__(self, url_or_path: str | os.PathLike[str] | None = None, *, upgrade: bool = False) -> None:
+        self.url = resolve_url(url_or_path if url_or_path is not None else default_location())
+        self.engine: Engine = make_engine(self.url)
+        self.writer: Engine = writer(self.engine)
+        if upgrade:
+            migrate.upgrade(self.url)
+        with translate_db_errors(self.url), self.engine.connect() as conn:
+            migrate.check_revision(conn, self.url)
+
+    @classmethod
+    def init(cls, url_or_path: str | os.PathLike[str] | None = None) -> Store:
+        """Create the schema if the database is new (or upgrade it), then open it."""
+        return cls(url_or_path, upgrade=True)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- machines --------------------------------------------------------------
+    def create_machine(self, name: str = DEFAULT_MACHINE, mem_bytes: int = DEFAULT_MEM_BYTES) -> None:
+        if not name or len(name) > 64 or not name.isprintable():
+            raise InvalidArgument(f"machine name {name!r} must be 1..64 printable characters")
+        if mem_bytes < (2 << 20) or mem_bytes > MAX_MEM_BYTES or mem_bytes % PAGE_SIZE:
+            raise InvalidArgument(
+                f"memory size {mem_bytes} must be a multiple of 4096 between 2 MiB and 4 PiB"
+            )
+        with translate_db_errors(self.url), self.writer.begin() as conn:
+            if conn.execute(select(MachineRow.id).where(MachineRow.name == name)).first():
+                raise AlreadyExists(f"machine {name!r} already exists")
+            conn.execute(insert(MachineRow).values(name=name, mem_bytes=mem_bytes, page_size=PAGE_SIZE))
+
+    def machine_id(self, conn: Connection, name: str) -> int:
+        mid = conn.execute(select(MachineRow.id).where(MachineRow.name == name)).scalar()
+        if mid is None:
+            known = conn.execute(select(MachineRow.name).order_by(MachineRow.name)).scalars().all()
+            hint = (
+                f"; machines here: {', '.join(known)}" if known else "; create one with 'iommupt-store init'"
+            )
+            raise NotFound(f"no machine named {name!r} in {self.url}{hint}")
+        return mid
+
+    def machine(self, name: str = DEFAULT_MACHINE) -> Machine:
+        """Attach to the machine's current boot (starting a new boot if the last one ended)."""
+        from .machine import Machine
+
+        return Machine.attach(self, name)
+
+    def status(self) -> StoreStatus:
+        with translate_db_errors(self.url), self.engine.connect() as conn:
+            machines = conn.execute(select(MachineRow.__table__).order_by(MachineRow.name)).all()
+            result = []
+            for row in machines:
+                used = conn.execute(
+                    select(func.count(), func.coalesce(func.sum(func.length(Page.contents)), 0)).where(
+                        Page.machine_id == row.id
+                    )
+                ).one()
+                boots = conn.execute(
+                    select(Boot.__table__).where(Boot.machine_id == row.id).order_by(Boot.number)
+                ).all()
+                result.append(
+                    MachineStatus(
+                        name=row.name,
+                        mem_bytes=row.mem_bytes,
+                        page_size=row.page_size,
+                        pages_allocated=used[1] // PAGE_SIZE,
+                        bytes_allocated=used[1],
+                        boots=[
+                            BootInfo(
+                                number=b.number,
+                                started_at=b.started_at,
+                                ended_at=b.ended_at,
+                                end_kind=b.end_kind,
+                            )
+                            for b in boots
+                        ],
+                    )
+                )
+            return StoreStatus(url=self.url, revision=migrate.current_revision(conn) or "", machines=result)
+
+
+def open(  # noqa: A001 - the natural name, as for files
+    url_or_path: str | os.PathLike[str] | None = None,
+    machine: str = DEFAULT_MACHINE,
+    *,
+    upgrade: bool = False,
+) -> Machine:
+    """Open ``machine`` in the store at ``url_or_path`` and attach to its current boot.
+
+    A bare path is an SQLite file; a URL goes to SQLAlchemy. Without a location,
+    ``$IOMMUPT_DB`` or ``./iommupt.db`` is used. ``upgrade=True`` first brings
+    an older schema to the current revision.
+    """
+    return Store(url_or_path, upgrade=upgrade).machine(machine)
