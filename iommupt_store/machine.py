@@ -16,7 +16,8 @@ from sqlalchemy import Connection, delete, insert, select, update
 
 from .crash import crashpoint
 from .db.engine import translate_db_errors
-from .db.models import Boot, Machine as MachineRow, Page
+from .db.models import Boot, Page
+from .db.models import Machine as MachineRow
 from .errors import InvalidArgument, KernelGone
 from .memory import PAGE_SHIFT, Memory
 from .reports import MachineStatus
@@ -73,7 +74,9 @@ class Machine:
             if last is not None and last.end_kind is None:
                 return cls(store, name, mid, mem_bytes, last.id, last.number)
             number = 1 if last is None else last.number + 1
-            boot_id = conn.execute(insert(Boot).values(machine_id=mid, number=number)).inserted_primary_key[0]
+            boot_id = conn.execute(
+                insert(Boot).values(machine_id=mid, number=number).returning(Boot.id)
+            ).scalar_one()
             machine = cls(store, name, mid, mem_bytes, boot_id, number)
             if last is not None:
                 tx = Transaction(machine, conn)

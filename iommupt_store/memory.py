@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, insert, select, update
 
 from .db.models import Page
 from .errors import InvalidArgument, NotFound, OutOfMemory
@@ -30,7 +30,7 @@ MAX_ORDER = 18
 #: the first MiB is firmware's, as on a PC: never handed out, so phys 0 is never a table
 FIRST_PFN = 0x100
 
-_PAGES = Page.__table__
+_PAGES: Table = Page.__table__  # type: ignore[assignment]
 _NATIVE_LE = sys.byteorder == "little"
 _CHUNK = 500
 
@@ -249,7 +249,7 @@ class Memory:
                     }
                 )
                 continue
-            cols = set(page.meta_dirty)
+            cols: set[str] = set(page.meta_dirty)
             if page.contents_dirty:
                 cols.add("contents")
             if not cols:
@@ -270,11 +270,11 @@ class Memory:
                     _PAGES.c.machine_id == self.machine_id, _PAGES.c.pfn.in_(deletes[i : i + _CHUNK])
                 )
             )
-        for cols, rows in updates.items():
+        for changed, rows in updates.items():
             stmt = (
                 update(_PAGES)
                 .where(_PAGES.c.machine_id == self.machine_id, _PAGES.c.pfn == bindparam("b_pfn"))
-                .values({c: bindparam(c) for c in cols})
+                .values({c: bindparam(c) for c in changed})
             )
             self.conn.execute(stmt, rows)
         if inserts:

@@ -9,7 +9,8 @@ from sqlalchemy import Connection, Engine, func, insert, select
 
 from .db import migrate
 from .db.engine import DEFAULT_DB, make_engine, resolve_url, translate_db_errors, writer
-from .db.models import Boot, Machine as MachineRow, Page
+from .db.models import Boot, Page
+from .db.models import Machine as MachineRow
 from .errors import AlreadyExists, InvalidArgument, NotFound
 from .memory import PAGE_SIZE
 from .reports import BootInfo, MachineStatus, StoreStatus
@@ -117,7 +118,7 @@ class Store:
             return StoreStatus(url=self.url, revision=migrate.current_revision(conn) or "", machines=result)
 
 
-def open(  # noqa: A001 - the natural name, as for files
+def open(
     url_or_path: str | os.PathLike[str] | None = None,
     machine: str = DEFAULT_MACHINE,
     *,

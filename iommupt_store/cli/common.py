@@ -79,10 +79,10 @@ def parse_int(text: str, what: str) -> int:
     except ValueError:
         raise click.BadParameter(
             f"{text!r} is not a number (use 0x..., decimal or 4K/2M/1G)", param_hint=what
-        )
+        ) from None
 
 
-class IntParam(click.ParamType):
+class IntParam(click.ParamType):  # type: ignore[type-arg]
     """A click type for addresses and sizes (hex, decimal, K/M/G suffixes)."""
 
     name = "int"

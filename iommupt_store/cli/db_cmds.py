@@ -47,7 +47,8 @@ def init(ctx: Context, mem_bytes: int, as_json: bool) -> None:
     else:
         verb = "created" if created else "already exists:"
         err_console.print(
-            f"machine {machine.name!r} {verb} {machine.mem_bytes >> 20} MiB, boot {machine.boot_number}, in {store.url}"
+            f"machine {machine.name!r} {verb} {machine.mem_bytes >> 20} MiB, "
+            f"boot {machine.boot_number}, in {store.url}"
         )
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
+from typing import TextIO
 
 from alembic import command
 from alembic.config import Config
@@ -27,7 +27,7 @@ def migrations_dir() -> Path:
 
 
 def alembic_config(
-    url: str, connection: Connection | None = None, stdout: io.TextIOBase | None = None
+    url: str, connection: Connection | None = None, stdout: TextIO | None = None
 ) -> Config:
     cfg = Config(stdout=stdout) if stdout is not None else Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
