@@ -34,7 +34,8 @@ class Store:
 
     def __init__(self, url_or_path: str | os.PathLike[str] | None = None, *, upgrade: bool = False) -> None:
         self.url = resolve_url(url_or_path if url_or_path is not None else default_location())
-        self.engine: Engine = make_engine(self.url)
+        # only init/upgrade may create a new SQLite file; anything else on a missing file is NotFound
+        self.engine: Engine = make_engine(self.url, create=upgrade)
         self.writer: Engine = writer(self.engine)
         if upgrade:
             migrate.upgrade(self.url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 from rich.table import Table
 
 from ..db import migrate
@@ -58,11 +59,20 @@ def init(ctx: Context, mem_bytes: int, as_json: bool) -> None:
 def status(ctx: Context, as_json: bool) -> None:
     """Machines, their boots and the memory they use.
 
+    All machines, or only the one named by an explicit --machine (or
+    $IOMMUPT_MACHINE), which must exist.
+
     \b
     Example:
       iommupt-store status --json | jq '.machines[].pages_allocated'
     """
-    st = ctx.store().status()
+    store = ctx.store()
+    st = store.status()
+    root = click.get_current_context().find_root()
+    if root.get_parameter_source("machine") not in (None, ParameterSource.DEFAULT):
+        with translate_db_errors(store.url), store.engine.connect() as conn:
+            store.machine_id(conn, ctx.machine_name)  # NotFound, naming the machines there
+        st = st.model_copy(update={"machines": [m for m in st.machines if m.name == ctx.machine_name]})
     if as_json:
         emit_json(st)
         return
@@ -124,7 +134,7 @@ def current(ctx: Context, as_json: bool) -> None:
     url = _url(ctx)
     from ..db.engine import make_engine
 
-    engine = make_engine(url)
+    engine = make_engine(url, create=False)
     try:
         with translate_db_errors(url), engine.connect() as conn:
             rev = migrate.current_revision(conn)

@@ -36,23 +36,28 @@ def sqlite_path(url: str) -> Path | None:
     return Path(u.database)
 
 
-def _prepare_sqlite_file(path: Path) -> None:
+def _prepare_sqlite_file(path: Path, create: bool) -> None:
     if not path.parent.is_dir():
         raise NotFound(f"cannot open database {path}: directory {path.parent} does not exist")
+    if not create and not path.exists():
+        raise NotFound(f"no database at {path}: run 'iommupt-store init' to create it")
     # A new store is private to its user: create it 0600 before SQLite does (0644).
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
-def make_engine(url: str, *, foreign_keys: bool = True) -> Engine:
+def make_engine(url: str, *, foreign_keys: bool = True, create: bool = True) -> Engine:
     """An engine for ``url``. SQLite gets WAL, foreign keys, a busy timeout and
     explicit BEGINs: ``BEGIN IMMEDIATE`` for writers (see ``writer``).
+
+    ``create=False`` refuses an SQLite file that does not exist yet (NotFound)
+    instead of creating an empty one.
     """
     path = sqlite_path(url)
     if path is None and make_url(url).get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
     if path is not None:
-        _prepare_sqlite_file(path)
+        _prepare_sqlite_file(path, create)
     # NullPool: each process opens its own connection; nothing survives a fork.
     engine = create_engine(url, poolclass=NullPool if path else None)
 

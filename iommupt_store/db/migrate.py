@@ -59,7 +59,8 @@ def check_revision(conn: Connection, url: str) -> None:
     if rev == head:
         return
     if rev is None:
-        if table_names(conn):
+        # an empty alembic_version table is what 'db downgrade base' leaves behind
+        if table_names(conn) - {"alembic_version"}:
             raise SchemaError(f"{url} is not an iommupt-store database (it has tables but no revision)")
         raise SchemaError(f"{url} holds no iommupt-store schema yet: run 'iommupt-store init'")
     if rev not in known_revisions():
@@ -72,7 +73,7 @@ def check_revision(conn: Connection, url: str) -> None:
 def _run(url: str, action: str, revision: str) -> None:
     # Migrations run with foreign keys off (SQLite's move-and-copy of a referenced
     # table fails otherwise) and are checked before commit instead.
-    engine = make_engine(url, foreign_keys=False)
+    engine = make_engine(url, foreign_keys=False, create=action == "upgrade")
     try:
         with translate_db_errors(url), engine.begin() as conn:
             cfg = alembic_config(url, conn)

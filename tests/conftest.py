@@ -1,0 +1,226 @@
+"""Shared fixtures and helpers for the whole test suite.
+
+Fixtures
+--------
+``db_path``      a fresh SQLite path under ``tmp_path`` (the file does not exist yet)
+``db_url``       the same as an SQLAlchemy URL
+``store``        an initialised ``Store`` at ``db_path`` (schema at head, no machine); closed afterwards
+``machine``      a 64 MiB machine named ``"test"`` in ``store``, attached to boot 1
+``small_machine``  a 2 MiB machine named ``"small"`` (256 usable pages: the first MiB is firmware's)
+``run_cli``      ``run_cli(*args)`` runs ``python -m iommupt_store --db <db_path> *args`` in a subprocess
+``run_py``       ``run_py(code, *args)`` runs a Python snippet in a subprocess (``sys.argv[1:] == args``)
+``cli``          ``cli(*args)`` invokes the click CLI in-process (CliRunner) with ``--db <db_path>``
+
+Plain helpers (import them: ``from tests.conftest import sqlite_dump``)
+-----------------------------------------------------------------------
+``sqlite_dump(path)``   every row of every table, for "nothing changed" comparisons
+``integrity(path)``     ``(PRAGMA integrity_check, PRAGMA foreign_key_check rows)``
+``subprocess_env()``    an environment in which a child imports this very ``iommupt_store``
+
+Subprocesses never inherit an engine: each opens its own (see spec B5).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+from click.testing import CliRunner, Result
+
+import iommupt_store
+from iommupt_store.cli import cli as cli_group
+from iommupt_store.machine import Machine
+from iommupt_store.store import Store
+
+#: the directory that holds the ``iommupt_store`` package under test (a checkout or site-packages)
+PACKAGE_PARENT = Path(iommupt_store.__file__).resolve().parent.parent
+#: generous: a loaded CI machine may be slow, but a hung child must not hang the suite
+SUBPROCESS_TIMEOUT = 60
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The current environment, made deterministic for a child process.
+
+    The child imports the same ``iommupt_store`` as the tests (even from an
+    uninstalled checkout), never sees the developer's ``IOMMUPT_*`` settings,
+    and does not colour its output.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IOMMUPT_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH")) if p)
+    env.update(NO_COLOR="1", TERM="dumb", COLUMNS="200", PYTHONDONTWRITEBYTECODE="1")
+    env.update(extra)
+    return env
+
+
+class RunCli(Protocol):
+    def __call__(
+        self,
+        *args: str,
+        db: Path | str | None = ...,
+        env: dict[str, str] | None = ...,
+        input: str | None = ...,
+        timeout: float = ...,
+    ) -> subprocess.CompletedProcess[str]: ...
+
+
+class RunPy(Protocol):
+    def __call__(
+        self, code: str, *args: str, env: dict[str, str] | None = ..., timeout: float = ...
+    ) -> subprocess.CompletedProcess[str]: ...
+
+
+class InvokeCli(Protocol):
+    def __call__(self, *args: str, db: Path | str | None = ..., env: dict[str, str] | None = ...) -> Result: ...
+
+
+@pytest.fixture(autouse=True)
+def _no_user_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never pick up the developer's ``$IOMMUPT_DB``/``$IOMMUPT_MACHINE``/crash points."""
+    for name in [k for k in os.environ if k.startswith("IOMMUPT_")]:
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "store.db"
+
+
+@pytest.fixture
+def db_url(db_path: Path) -> str:
+    return f"sqlite:///{db_path}"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[Store]:
+    s = Store.init(db_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def machine(store: Store) -> Machine:
+    store.create_machine("test", 64 << 20)
+    return store.machine("test")
+
+
+@pytest.fixture
+def small_machine(store: Store) -> Machine:
+    store.create_machine("small", 2 << 20)
+    return store.machine("small")
+
+
+@pytest.fixture
+def run_cli(db_path: Path, tmp_path: Path) -> RunCli:
+    """Run the real command line in a child process; returns the CompletedProcess (text).
+
+    ``db`` defaults to the test's ``db_path``; pass ``db=None`` to give no
+    ``--db`` at all (then ``$IOMMUPT_DB`` or ./iommupt.db in ``tmp_path`` applies).
+    """
+
+    def run(
+        *args: str,
+        db: Path | str | None = db_path,
+        env: dict[str, str] | None = None,
+        input: str | None = None,
+        timeout: float = SUBPROCESS_TIMEOUT,
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "iommupt_store"]
+        if db is not None:
+            argv += ["--db", str(db)]
+        return subprocess.run(
+            [*argv, *args],
+            capture_output=True,
+            text=True,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            env=subprocess_env(**(env or {})),
+            cwd=tmp_path,
+            timeout=timeout,
+        )
+
+    return run
+
+
+@pytest.fixture
+def run_py(tmp_path: Path) -> RunPy:
+    """Run ``python -c code *args`` in a child process with ``subprocess_env``."""
+
+    def run(
+        code: str, *args: str, env: dict[str, str] | None = None, timeout: float = SUBPROCESS_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", code, *args],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            env=subprocess_env(**(env or {})),
+            cwd=tmp_path,
+            timeout=timeout,
+        )
+
+    return run
+
+
+@pytest.fixture
+def cli(db_path: Path) -> InvokeCli:
+    """Invoke the click group in-process; ``result.stdout``/``result.stderr`` are separate."""
+
+    def invoke(*args: str, db: Path | str | None = db_path, env: dict[str, str] | None = None) -> Result:
+        argv = ["--db", str(db)] if db is not None else []
+        return CliRunner().invoke(cli_group, [*argv, *args], env=env, catch_exceptions=False)
+
+    return invoke
+
+
+def sqlite_dump(path: Path | str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table (sorted); refuses (never creates) a missing file."""
+    conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True)  # rw: never creates a file
+    try:
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+            )
+        ]
+        return {n: sorted(conn.execute(f'SELECT * FROM "{n}"').fetchall(), key=repr) for n in names}
+    finally:
+        conn.close()
+
+
+def integrity(path: Path | str) -> tuple[str, list[tuple[Any, ...]]]:
+    """``PRAGMA integrity_check`` (``'ok'`` when sound) and the rows of ``PRAGMA foreign_key_check``."""
+    conn = sqlite3.connect(path)
+    try:
+        check = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        fks = conn.execute("PRAGMA foreign_key_check").fetchall()
+        return check, fks
+    finally:
+        conn.close()
+
+
+def one_error_line(stderr: str) -> str:
+    """Assert that ``stderr`` is exactly one non-empty line, and return it."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {stderr!r}"
+    return lines[0]
+
+
+__all__ = [
+    "PACKAGE_PARENT",
+    "SUBPROCESS_TIMEOUT",
+    "InvokeCli",
+    "RunCli",
+    "RunPy",
+    "integrity",
+    "one_error_line",
+    "sqlite_dump",
+    "subprocess_env",
+]
