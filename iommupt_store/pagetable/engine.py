@@ -280,7 +280,8 @@ class PageTable:
 
     def _ensure_top(self, va: int, last: int, leaf_level: int) -> None:
         """``check_map_range`` and, for a dynamic top, ``increase_top``."""
-        level, top, new_tops = self.top_level, self.top_phys, []
+        level, top = self.top_level, self.top_phys
+        new_tops: list[int] = []
         while not (self.check_range(va, last, self.range_vasz(level)) and leaf_level <= level):
             if not self.dynamic_top:
                 raise OutOfRange(f"[{va:#x}, {last:#x}] is outside the table's {self._range_text()}")
@@ -329,7 +330,9 @@ class PageTable:
                 self.frames.write(table)[i] = fmt.encode_table(child, lvl, feats)
                 table = child
             else:
-                raise AddressInUse(f"iova {va:#x} is inside an existing {_size_text(lvl, d.contig_lg2)} mapping")
+                raise AddressInUse(
+                    f"iova {va:#x} is inside an existing {_size_text(lvl, d.contig_lg2)} mapping"
+                )
             lvl -= 1
         self._table_cache[key] = table
         return table
@@ -493,7 +496,9 @@ class PageTable:
                     out.append(d.addr)
                     walk(d.addr, lvl - 1, ITEMS_PER_TABLE)
                 elif d.type is _OA and check_mapped:
-                    raise AddressInUse(f"the table being replaced still maps a {_size_text(lvl, d.contig_lg2)} page")
+                    raise AddressInUse(
+                        f"the table being replaced still maps a {_size_text(lvl, d.contig_lg2)} page"
+                    )
 
         walk(table, level, self.top_items() if top else ITEMS_PER_TABLE)
         return out
