@@ -16,7 +16,7 @@ from sqlalchemy import Connection, delete, insert, select, update
 
 from .crash import crashpoint
 from .db.engine import translate_db_errors
-from .db.models import Boot, Page
+from .db.models import Boot, Domain, Page
 from .db.models import Machine as MachineRow
 from .errors import InvalidArgument, KernelGone
 from .memory import PAGE_SHIFT, Memory
@@ -131,6 +131,11 @@ class Machine:
             raise InvalidArgument("only a cold reboot is done here; a live update is 'liveupdate'")
         with self.transaction() as tx:
             tx.conn.execute(delete(Page).where(Page.machine_id == self.id))
+            tx.conn.execute(
+                update(Domain)
+                .where(Domain.machine_id == self.id, Domain.state != "freed")
+                .values(state="freed", top_phys=None)
+            )
             tx.memory = Memory(tx.conn, self.id, self.boot_id, self.mem_bytes >> PAGE_SHIFT)
             self.end_boot(tx, "cold")
 

@@ -33,6 +33,14 @@ FIRST_PFN = 0x100
 _PAGES: Table = Page.__table__  # type: ignore[assignment]
 _NATIVE_LE = sys.byteorder == "little"
 _CHUNK = 500
+#: page columns that callers may set through ``alloc(**meta)`` / ``set_meta``
+_META_COLUMNS = frozenset(c.name for c in _PAGES.c) - {"machine_id", "pfn", "page_order", "contents"}
+
+
+def _check_meta(keys: Iterable[str]) -> None:
+    unknown = set(keys) - _META_COLUMNS
+    if unknown:
+        raise InvalidArgument(f"unknown page column(s): {', '.join(sorted(unknown))}")
 
 
 @dataclass
@@ -133,6 +141,7 @@ class Memory:
         """Allocate a zeroed block of ``2**order`` pages; returns its first PFN."""
         if not 0 <= order <= MAX_ORDER:
             raise InvalidArgument(f"page order {order} is outside 0..{MAX_ORDER}")
+        _check_meta(meta)
         pfn = self.allocator.alloc(order)
         old = self._cache.get(pfn)
         page = _CachedPage(
@@ -181,6 +190,27 @@ class Memory:
                     contents=bytearray(m["contents"]),
                 )
 
+    def load_matching(self, **where: Any) -> list[int]:
+        """Bring every page whose metadata columns equal ``where`` into the cache;
+        returns their PFNs (one query)."""
+        cols = [c for c in _PAGES.c if c.name not in ("machine_id", "pfn", "page_order", "contents")]
+        cond = [_PAGES.c[k] == v for k, v in where.items()]
+        rows = self.conn.execute(
+            select(_PAGES.c.pfn, _PAGES.c.page_order, _PAGES.c.contents, *cols).where(
+                _PAGES.c.machine_id == self.machine_id, *cond
+            )
+        )
+        found = []
+        for row in rows:
+            m = row._mapping
+            found.append(m["pfn"])
+            if m["pfn"] in self._cache:
+                continue  # this transaction's copy is newer
+            self._cache[m["pfn"]] = _CachedPage(
+                order=m["page_order"], meta={c.name: m[c.name] for c in cols}, contents=bytearray(m["contents"])
+            )
+        return [p for p in found if not self._cache[p].freed]
+
     def is_allocated(self, pfn: int) -> bool:
         try:
             self._page(pfn)
@@ -195,6 +225,7 @@ class Memory:
         return self._page(pfn).meta
 
     def set_meta(self, pfn: int, **values: Any) -> None:
+        _check_meta(values)
         page = self._page(pfn)
         page.meta.update(values)
         page.meta_dirty.update(values)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, PlainSerializer
 
 
 class Report(BaseModel):
@@ -35,3 +37,36 @@ class StoreStatus(Report):
     url: str
     revision: str
     machines: list[MachineStatus]
+
+
+def _hex(v: int) -> str:
+    return f"{v:#x}"
+
+
+#: an address or bitmap: an int in Python, a "0x..." string in JSON
+HexInt = Annotated[int, PlainSerializer(_hex, return_type=str, when_used="json")]
+
+
+class DomainInfo(Report):
+    id: int
+    format: str
+    state: str
+    boot: int
+    top_phys: HexInt | None
+    top_level: int
+    max_vasz_lg2: int
+    #: VA width the current top decodes (grows with amdv1's dynamic top)
+    range_vasz_lg2: int
+    max_oasz_lg2: int
+    sign_extend: bool
+    features: list[str]
+    pgsize_bitmap: HexInt
+    frames: int
+
+
+class TranslationInfo(Report):
+    iova: HexInt
+    phys: HexInt | None
+    page_size: int
+    level: int
+    fault: str | None = None

@@ -141,13 +141,13 @@ def current(ctx: Context, as_json: bool) -> None:
     finally:
         engine.dispose()
     head = migrate.head_revision()
-    data = {"url": url, "current": rev, "head": head, "up_to_date": rev == head}
+    newer = rev is not None and rev not in migrate.known_revisions()
+    data = {"url": url, "current": rev, "head": head, "up_to_date": rev == head, "newer": newer}
     if as_json:
         emit_json(data)
     else:
-        err_console.print(
-            f"{url}: revision {rev or '(none)'}; head {head}{'' if rev == head else ' (upgrade needed)'}"
-        )
+        note = "" if rev == head else " (written by a newer iommupt-store)" if newer else " (upgrade needed)"
+        err_console.print(f"{url}: revision {rev or '(none)'}; head {head}{note}")
 
 
 @db.command()

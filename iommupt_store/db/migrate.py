@@ -9,9 +9,10 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Connection, text
 
-from ..errors import SchemaError
+from ..errors import InvalidArgument, SchemaError
 from .engine import make_engine, sqlite_path, table_names, translate_db_errors
 
 UPGRADE_HINT = "iommupt-store db upgrade"
@@ -52,21 +53,33 @@ def current_revision(conn: Connection) -> str | None:
     return MigrationContext.configure(conn).get_current_revision()
 
 
-def check_revision(conn: Connection, url: str) -> None:
-    """Refuse a database that is not at our head revision, saying what to do."""
+def check_ours(conn: Connection, url: str) -> str | None:
+    """The database's revision, if it is one this version can work with (or empty).
+
+    Refuses a foreign database (tables but no revision) and one written by a
+    newer iommupt-store (a revision this version does not know).
+    """
     rev = current_revision(conn)
-    head = head_revision()
-    if rev == head:
-        return
     if rev is None:
         # an empty alembic_version table is what 'db downgrade base' leaves behind
         if table_names(conn) - {"alembic_version"}:
             raise SchemaError(f"{url} is not an iommupt-store database (it has tables but no revision)")
-        raise SchemaError(f"{url} holds no iommupt-store schema yet: run 'iommupt-store init'")
-    if rev not in known_revisions():
+    elif rev not in known_revisions():
         raise SchemaError(
-            f"{url} is at revision {rev}, written by a newer iommupt-store; this version knows up to {head}"
+            f"{url} is at revision {rev}, written by a newer iommupt-store; "
+            f"this version knows up to {head_revision()}"
         )
+    return rev
+
+
+def check_revision(conn: Connection, url: str) -> None:
+    """Refuse a database that is not at our head revision, saying what to do."""
+    rev = check_ours(conn, url)
+    head = head_revision()
+    if rev == head:
+        return
+    if rev is None:
+        raise SchemaError(f"{url} holds no iommupt-store schema yet: run 'iommupt-store init'")
     raise SchemaError(f"{url} is at revision {rev}, older than this version's {head}: run '{UPGRADE_HINT}'")
 
 
@@ -76,8 +89,12 @@ def _run(url: str, action: str, revision: str) -> None:
     engine = make_engine(url, foreign_keys=False, create=action == "upgrade")
     try:
         with translate_db_errors(url), engine.begin() as conn:
+            check_ours(conn, url)
             cfg = alembic_config(url, conn)
-            getattr(command, action)(cfg, revision)
+            try:
+                getattr(command, action)(cfg, revision)
+            except CommandError as e:  # e.g. an unknown revision id
+                raise InvalidArgument(f"cannot {action} {url} to {revision!r}: {e}") from e
             if conn.dialect.name == "sqlite":
                 bad = conn.execute(text("PRAGMA foreign_key_check")).fetchall()
                 if bad:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     CheckConstraint,
     DateTime,
@@ -93,8 +94,50 @@ class Page(Base):
     #: the boot in which the page was allocated (or last re-claimed)
     boot_id: Mapped[int] = mapped_column(ForeignKey("boot.id"), index=True)
     contents: Mapped[bytes] = mapped_column(LargeBinary)
+    #: for IOMMU page-table frames: the domain that owns the frame, and the table's level
+    domain_id: Mapped[int | None] = mapped_column(ForeignKey("domain.id"), index=True)
+    level: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         CheckConstraint("page_order >= 0 AND page_order <= 18", name="order_range"),
+        CheckConstraint("(domain_id IS NULL) = (level IS NULL)", name="frame_has_level"),
         CheckConstraint("length(contents) = (4096 << page_order)", name="contents_size"),
+    )
+
+
+DOMAIN_STATES = ("live", "preserved", "restored", "freed")
+
+
+class Domain(Base):
+    """An IOMMU domain on the generic page table: its format, geometry and top.
+
+    Its table frames are the page rows with ``domain_id`` = this id.
+    """
+
+    __tablename__ = "domain"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    machine_id: Mapped[int] = mapped_column(ForeignKey("machine.id", ondelete="CASCADE"), index=True)
+    #: the boot the domain belongs to (created in, or restored into)
+    boot_id: Mapped[int] = mapped_column(ForeignKey("boot.id"), index=True)
+    format: Mapped[str] = mapped_column(String(16))
+    #: live (mutable), preserved (handed over, frozen), restored (immutable), freed
+    state: Mapped[str] = mapped_column(String(16), default="live")
+    top_phys: Mapped[int | None] = mapped_column(BigInteger)
+    top_level: Mapped[int] = mapped_column(Integer)
+    max_vasz_lg2: Mapped[int] = mapped_column(Integer)
+    max_oasz_lg2: Mapped[int] = mapped_column(Integer)
+    #: feature names (never bit numbers: the kernel renumbers them between versions)
+    features: Mapped[list[str]] = mapped_column(JSON)
+    pgsize_bitmap: Mapped[int] = mapped_column(U64)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        CheckConstraint(
+            "state IN ('live', 'preserved', 'restored', 'freed')",
+            name="state_known",
+        ),
+        CheckConstraint("(state = 'freed') = (top_phys IS NULL)", name="top_unless_freed"),
+        CheckConstraint("top_level >= 0 AND top_level <= 5", name="top_level_range"),
+        CheckConstraint("max_vasz_lg2 > 0 AND max_vasz_lg2 <= 64", name="vasz_range"),
     )

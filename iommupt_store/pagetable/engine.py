@@ -511,6 +511,11 @@ class PageTable:
         return len(tables)
 
 
+def range_vasz(fmt: PageTableFormat, top_level: int, max_vasz: int, features: Features) -> int:
+    """The VA width a top at ``top_level`` decodes (``_pt_top_range``)."""
+    return _range_vasz(fmt, top_level, max_vasz, fmt.effective(Feature.DYNAMIC_TOP, features))
+
+
 def _range_vasz(fmt: PageTableFormat, top_level: int, max_vasz: int, dynamic: bool) -> int:
     if dynamic and top_level != fmt.max_top_level:
         return min(max_vasz, TABLE_ITEMS_LG2 + item_lg2sz(top_level))
@@ -525,4 +530,4 @@ def _size_text(level: int, contig_lg2: int) -> str:
     return f"{size}B"
 
 
-__all__ = ["Geometry", "PageTable", "PtInfo", "compute_best_pgsize", "pgsz_count"]
+__all__ = ["Geometry", "PageTable", "PtInfo", "compute_best_pgsize", "pgsz_count", "range_vasz"]
