@@ -14,7 +14,8 @@ from typing import Any
 
 from sqlalchemy import func, insert, select, update
 
-from .db.models import Boot, Domain as DomainRow, Page
+from .db.models import Boot, Page
+from .db.models import Domain as DomainRow
 from .errors import BadData, NotFound, NotPermitted
 from .formats import get_format
 from .formats.base import Feature, Prot

@@ -14,6 +14,7 @@ from ..errors import EXIT_DATAERR, EXIT_FAILURE, EXIT_TEMPFAIL, EXIT_USAGE, Iomm
 from ..store import DEFAULT_MACHINE, ENV_DB
 from .common import Context, Group, fail
 from .db_cmds import db, init, status
+from .domain_cmds import COMMANDS as DOMAIN_COMMANDS
 
 EPILOG = f"""\b
 Exit codes:
@@ -65,6 +66,8 @@ def cli(ctx: click.Context, db: str | None, machine: str) -> None:
 cli.add_command(init)
 cli.add_command(status)
 cli.add_command(db)
+for _cmd in DOMAIN_COMMANDS:
+    cli.add_command(_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

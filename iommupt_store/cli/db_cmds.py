@@ -48,8 +48,7 @@ def init(ctx: Context, mem_bytes: int, as_json: bool) -> None:
     else:
         verb = "created" if created else "already exists:"
         err_console.print(
-            f"machine {machine.name!r} {verb} {machine.mem_bytes >> 20} MiB, "
-            f"boot {machine.boot_number}, in {store.url}"
+            f"machine {machine.name!r} {verb} {machine.mem_bytes >> 20} MiB, boot {machine.boot_number}, in {store.url}"
         )
 
 
@@ -81,13 +80,7 @@ def status(ctx: Context, as_json: bool) -> None:
         table.add_column(col)
     for m in st.machines:
         cur = m.current_boot
-        state = (
-            "running"
-            if cur and cur.end_kind is None
-            else f"ended ({cur.end_kind})"
-            if cur
-            else "never booted"
-        )
+        state = "running" if cur and cur.end_kind is None else f"ended ({cur.end_kind})" if cur else "never booted"
         table.add_row(
             m.name,
             f"{m.mem_bytes >> 20} MiB",

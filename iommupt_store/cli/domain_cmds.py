@@ -1,0 +1,294 @@
+"""Domain commands: create, map, unmap, translate, show, domains, free."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+from rich.tree import Tree
+
+from ..domains import DEFAULTS, domain_alloc, get_domain, list_domains
+from ..formats import FORMATS
+from ..formats.base import Feature, Prot
+from ..pagetable.walker import TableInfo
+from ..reports import TranslationInfo
+from .common import INT, Context, Group, emit_json, err_console, json_option, out_console, pass_ctx
+
+PROT_LETTERS = {"r": Prot.READ, "w": Prot.WRITE, "c": Prot.CACHE, "x": 0, "n": Prot.NOEXEC, "m": Prot.MMIO}
+
+
+def parse_prot(text: str) -> int:
+    prot = 0
+    for ch in text.lower():
+        if ch not in PROT_LETTERS:
+            raise click.BadParameter(f"unknown permission letter {ch!r} (use r, w, c, n, m)", param_hint="--prot")
+        prot |= PROT_LETTERS[ch]
+    return prot
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("P", 50), ("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return f"{n:#x}"
+
+
+@click.group(cls=Group)
+def domain() -> None:
+    """Create and free IOMMU domains (page tables)."""
+
+
+@domain.command("create")
+@click.argument("format", type=click.Choice(sorted(FORMATS)))
+@click.option("--top-level", type=int, help="Top level (amdv1: starting level 1..5; x86_64: 3..4; vtdss: 2..4).")
+@click.option("--vasz", type=int, help="Hardware VA width in bits (riscv: 39, 48 or 57 selects Sv39/48/57).")
+@click.option("--oasz", type=int, help="Hardware output-address width in bits (default: the format's maximum).")
+@click.option(
+    "--feature",
+    "features",
+    multiple=True,
+    type=click.Choice([f.value for f in Feature], case_sensitive=False),
+    help="A feature to request (repeatable); replaces the format's default features.",
+)
+@json_option
+@pass_ctx
+def create(
+    ctx: Context,
+    format: str,
+    top_level: int | None,
+    vasz: int | None,
+    oasz: int | None,
+    features: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Allocate a domain of FORMAT with an empty top table.
+
+    \b
+    Defaults: amdv1 starting level 2 with a dynamic top (up to 64-bit VA);
+    x86_64 4-level, 48-bit, sign-extended; vtdss 3-level... 48-bit;
+    riscv Sv48, sign-extended.
+
+    \b
+    Example:
+      iommupt-store domain create x86_64 --json
+      iommupt-store domain create riscv --vasz 39 --feature SIGN_EXTEND --feature RISCV_SVNAPOT_64K
+    """
+    with ctx.machine().transaction() as tx:
+        dom = domain_alloc(
+            tx,
+            format,
+            top_level=top_level,
+            vasz=vasz,
+            oasz=oasz,
+            features=[f.upper() for f in features] if features else None,
+        )
+        info = dom.info()
+    if as_json:
+        emit_json(info)
+    else:
+        err_console.print(
+            f"domain {info.id}: {info.format}, top level {info.top_level} at {info.top_phys:#x}, "
+            f"{info.range_vasz_lg2}-bit VA, page sizes {info.pgsize_bitmap:#x}"
+        )
+        out_console.print(info.id)
+
+
+@domain.command("free")
+@click.argument("domain_id", type=int)
+@json_option
+@pass_ctx
+def free(ctx: Context, domain_id: int, as_json: bool) -> None:
+    """Free every table frame of DOMAIN_ID (the only thing a restored domain allows)."""
+    with ctx.machine().transaction() as tx:
+        n = get_domain(tx, domain_id).free()
+    if as_json:
+        emit_json({"domain": domain_id, "frames_freed": n})
+    else:
+        err_console.print(f"domain {domain_id} freed: {n} table frame(s) released")
+
+
+@click.command("map")
+@click.argument("domain_id", type=int)
+@click.argument("iova", type=INT)
+@click.argument("paddr", type=INT)
+@click.argument("length", type=INT)
+@click.option("--prot", default="rw", show_default=True, help="Permissions: r, w, c (cache), n (noexec), m (mmio).")
+@json_option
+@pass_ctx
+def map_cmd(ctx: Context, domain_id: int, iova: int, paddr: int, length: int, prot: str, as_json: bool) -> None:
+    """Map LENGTH bytes at IOVA to PADDR, choosing page sizes as the kernel does.
+
+    \b
+    Numbers take 0x..., decimal, or K/M/G/T suffixes.
+    Example:
+      iommupt-store map 1 0x0 0x100000000 1G          # one 1G page
+      iommupt-store map 1 0x40000000 0x80001000 2M    # 512 4K pages (paddr only 4K aligned)
+    """
+    with ctx.machine().transaction() as tx:
+        dom = get_domain(tx, domain_id)
+        dom.map_range(iova, paddr, length, parse_prot(prot))
+        frames = len(dom.pt.collect_tables())
+    if as_json:
+        emit_json(
+            {"domain": domain_id, "iova": f"{iova:#x}", "paddr": f"{paddr:#x}", "length": length, "frames": frames}
+        )
+    else:
+        err_console.print(
+            f"mapped {_size(length)} at {iova:#x} -> {paddr:#x}; domain {domain_id} has {frames} frame(s)"
+        )
+
+
+@click.command()
+@click.argument("domain_id", type=int)
+@click.argument("iova", type=INT)
+@click.argument("length", type=INT)
+@json_option
+@pass_ctx
+def unmap(ctx: Context, domain_id: int, iova: int, length: int, as_json: bool) -> None:
+    """Unmap from IOVA; prints the bytes unmapped.
+
+    As in the kernel: whole pages only (unmapping the first 4K of a 2M page
+    removes all 2M), the walk stops at the first hole, and a table is freed
+    only when the range covers its whole span.
+    """
+    with ctx.machine().transaction() as tx:
+        n = get_domain(tx, domain_id).unmap_range(iova, length)
+    if as_json:
+        emit_json({"domain": domain_id, "iova": f"{iova:#x}", "length": length, "unmapped": n})
+    else:
+        err_console.print(f"unmapped {n:#x} bytes")
+        out_console.print(n)
+
+
+@click.command()
+@click.argument("domain_id", type=int)
+@click.argument("iovas", type=INT, nargs=-1, required=True)
+@click.option(
+    "--engine",
+    "use_engine",
+    is_flag=True,
+    help="Ask the engine (iova_to_phys) instead of the hardware walker; refused on restored domains.",
+)
+@json_option
+@pass_ctx
+def translate(ctx: Context, domain_id: int, iovas: tuple[int, ...], use_engine: bool, as_json: bool) -> None:
+    """Translate IOVAS as the IOMMU hardware would (reading only the stored frames).
+
+    Prints one line per IOVA: the physical address, the page size and the
+    leaf level, or the fault and the level at which the walk faulted.
+    """
+    results: list[TranslationInfo] = []
+    with ctx.machine().transaction(write=False) as tx:
+        dom = get_domain(tx, domain_id)
+        if use_engine:
+            for iova in iovas:
+                pa = dom.iova_to_phys(iova)
+                results.append(
+                    TranslationInfo(
+                        iova=iova, phys=pa or None, page_size=0, level=0, fault=None if pa else "not present"
+                    )
+                )
+        else:
+            walker = dom.walker()
+            for iova in iovas:
+                t = walker.translate(iova)
+                results.append(
+                    TranslationInfo(iova=iova, phys=t.phys, page_size=t.page_size, level=t.level, fault=t.fault)
+                )
+    if as_json:
+        emit_json([r.model_dump(mode="json") for r in results])
+        return
+    for r in results:
+        if r.phys is None:
+            out_console.print(f"{r.iova:#x} -> fault: {r.fault} (level {r.level})")
+        elif r.page_size:
+            out_console.print(f"{r.iova:#x} -> {r.phys:#x} ({_size(r.page_size)} page, level {r.level})")
+        else:
+            out_console.print(f"{r.iova:#x} -> {r.phys:#x}")
+
+
+def _tree_json(t: TableInfo) -> dict[str, object]:
+    return {
+        "phys": f"{t.phys:#x}",
+        "pfn": t.phys >> 12,
+        "level": t.level,
+        "iova": f"{t.iova:#x}",
+        "entries_used": t.used,
+        "leaves": {_size(k): v for k, v in sorted(t.leaves.items())},
+        "children": [_tree_json(c) for c in t.children],
+    }
+
+
+def _add_rich(node: Tree, t: TableInfo, max_children: int) -> None:
+    leaves = ", ".join(f"{v}x{_size(k)}" for k, v in sorted(t.leaves.items()))
+    label = f"[bold]L{t.level}[/] pfn {t.phys >> 12:#x}  iova {t.iova:#x}  {t.used}/512 used"
+    branch = node.add(label + (f"  leaves {leaves}" if leaves else ""))
+    shown = t.children[:max_children]
+    for c in shown:
+        _add_rich(branch, c, max_children)
+    rest = t.children[max_children:]
+    if rest:
+        n_leaves: dict[int, int] = {}
+        for c in rest:
+            for k, v in c.leaves.items():
+                n_leaves[k] = n_leaves.get(k, 0) + v
+        sizes = ", ".join(f"{v}x{_size(k)}" for k, v in sorted(n_leaves.items()))
+        branch.add(
+            f"[dim]… {len(rest)} more level-{rest[0].level} tables" + (f" (leaves {sizes})" if sizes else "") + "[/]"
+        )
+
+
+@click.command()
+@click.argument("domain_id", type=int)
+@click.option("--max-children", default=4, show_default=True, help="Child tables shown per table; the rest are summed.")
+@json_option
+@pass_ctx
+def show(ctx: Context, domain_id: int, max_children: int, as_json: bool) -> None:
+    """The table tree of DOMAIN_ID: level, pfn, entries in use, leaf sizes."""
+    with ctx.machine().transaction(write=False) as tx:
+        dom = get_domain(tx, domain_id)
+        info = dom.info()
+        tree = dom.walker().tables() if info.top_phys is not None else None
+    if as_json:
+        emit_json({"domain": info.model_dump(mode="json"), "tree": _tree_json(tree) if tree else None})
+        return
+    title = (
+        f"domain {info.id} ({info.format}, {info.state}, boot {info.boot}): {info.frames} frame(s), "
+        f"{info.range_vasz_lg2}-bit VA"
+    )
+    root = Tree(title)
+    if tree is not None:
+        _add_rich(root, tree, max_children)
+    out_console.print(root)
+
+
+@click.command()
+@click.option("--all", "include_freed", is_flag=True, help="Include freed domains.")
+@json_option
+@pass_ctx
+def domains(ctx: Context, include_freed: bool, as_json: bool) -> None:
+    """Domains of the machine, with state, geometry and frame count."""
+    with ctx.machine().transaction(write=False) as tx:
+        infos = list_domains(tx, include_freed=include_freed)
+    if as_json:
+        emit_json([i.model_dump(mode="json") for i in infos])
+        return
+    table = Table()
+    for col in ("id", "format", "state", "boot", "top", "level", "VA bits", "frames", "page sizes"):
+        table.add_column(col)
+    for i in infos:
+        table.add_row(
+            str(i.id),
+            i.format,
+            i.state,
+            str(i.boot),
+            f"{i.top_phys:#x}" if i.top_phys is not None else "-",
+            str(i.top_level),
+            str(i.range_vasz_lg2),
+            str(i.frames),
+            f"{i.pgsize_bitmap:#x}",
+        )
+    out_console.print(table)
+
+
+COMMANDS = [domain, map_cmd, unmap, translate, show, domains]
+__all__ = ["COMMANDS", "DEFAULTS"]
