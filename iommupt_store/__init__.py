@@ -3,6 +3,7 @@ preservation, modelled as rows in a database."""
 
 from __future__ import annotations
 
+from . import liveupdate as _liveupdate  # noqa: F401 - registers the boot-start hook
 from .errors import IommuptError
 from .store import Store, open
 

@@ -39,9 +39,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 class MemoryFrames:
     """A FrameStore over machine memory: the frames of one domain."""
 
-    def __init__(self, memory: Memory, domain_id: int) -> None:
+    def __init__(self, memory: Memory, domain_id: int, *, incoherent: bool = False) -> None:
         self.memory = memory
         self.domain_id = domain_id
+        #: new tables are "started" for a non-coherent IOMMU (ioptdesc ``incoherent``)
+        self.incoherent = incoherent
 
     def _pfn(self, phys: int) -> int:
         pfn = phys >> PAGE_SHIFT
@@ -52,7 +54,7 @@ class MemoryFrames:
         return pfn
 
     def alloc_table(self, level: int) -> int:
-        return self.memory.alloc(OWNER, domain_id=self.domain_id, level=level) << PAGE_SHIFT
+        return self.memory.alloc(OWNER, domain_id=self.domain_id, level=level, incoherent=self.incoherent) << PAGE_SHIFT
 
     def free_tables(self, tables: Iterable[int]) -> None:
         for phys in tables:
@@ -89,6 +91,11 @@ class Domain:
         return self._pt
 
     def _require(self, op: str, *, allow_preserved: bool = False) -> PageTable:
+        if self.boot_id != self.tx.machine.boot_id and self.state != "freed":
+            raise NotPermitted(
+                f"domain {self.id} belongs to an earlier boot (the previous kernel's object): {op} refused; "
+                "restore it in this boot"
+            )
         if self.state == "restored":
             raise NotPermitted(f"domain {self.id} was restored after a live update and is immutable: {op} refused")
         if self.state == "preserved" and not allow_preserved:
@@ -109,6 +116,8 @@ class Domain:
         """Release every table frame (``deinit``); the only operation a restored domain accepts."""
         if self.state == "preserved":
             raise NotPermitted(f"domain {self.id} is preserved for a live update: unpreserve it before freeing")
+        if self.boot_id != self.tx.machine.boot_id and self.state != "freed":
+            raise NotPermitted(f"domain {self.id} belongs to an earlier boot: restore it before freeing")
         n = self.pt.free()
         self._pt = None
         self.set_state("freed")
@@ -212,7 +221,7 @@ def domain_alloc(
     ).scalar_one()
     pt = PageTable.create(
         fmt,
-        MemoryFrames(tx.memory, domain_id),
+        MemoryFrames(tx.memory, domain_id, incoherent=fmt.effective(Feature.DMA_INCOHERENT, feats)),
         top_level=defaults["top_level"] if top_level is None else top_level,
         hw_max_vasz_lg2=defaults["vasz"] if vasz is None else vasz,
         hw_max_oasz_lg2=oasz,
@@ -243,9 +252,7 @@ def get_domain(tx: Transaction, domain_id: int) -> Domain:
         return domains[domain_id]
     row = (
         tx.conn.execute(
-            select(DomainRow.__table__).where(
-                DomainRow.id == domain_id, DomainRow.machine_id == tx.machine.id
-            )
+            select(DomainRow.__table__).where(DomainRow.id == domain_id, DomainRow.machine_id == tx.machine.id)
         )
         .mappings()
         .first()
@@ -269,7 +276,7 @@ def page_table_from_row(tx: Transaction, row: Any) -> PageTable:
         raise BadData(f"domain {row['id']}: {e}") from e
     return PageTable(
         fmt,
-        MemoryFrames(tx.memory, row["id"]),
+        MemoryFrames(tx.memory, row["id"], incoherent=fmt.effective(Feature.DMA_INCOHERENT, features)),
         top_phys=row["top_phys"],
         top_level=row["top_level"],
         max_vasz_lg2=row["max_vasz_lg2"],

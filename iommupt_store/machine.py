@@ -39,6 +39,8 @@ class Transaction:
         self.memory = Memory(conn, machine.id, machine.boot_id, machine.mem_bytes >> PAGE_SHIFT)
         #: run before the memory flush, e.g. to write domain rows
         self.before_flush: list[Callable[[], None]] = []
+        #: run after a successful commit
+        self.after_commit: list[Callable[[], None]] = []
         #: per-transaction caches of the layers above (domains by id, ...)
         self.cache: dict[str, Any] = {}
 
@@ -74,9 +76,7 @@ class Machine:
             if last is not None and last.end_kind is None:
                 return cls(store, name, mid, mem_bytes, last.id, last.number)
             number = 1 if last is None else last.number + 1
-            boot_id = conn.execute(
-                insert(Boot).values(machine_id=mid, number=number).returning(Boot.id)
-            ).scalar_one()
+            boot_id = conn.execute(insert(Boot).values(machine_id=mid, number=number).returning(Boot.id)).scalar_one()
             machine = cls(store, name, mid, mem_bytes, boot_id, number)
             if last is not None:
                 tx = Transaction(machine, conn)
@@ -106,22 +106,23 @@ class Machine:
         """
         self._check_alive()
         engine = self.store.writer if write else self.store.engine
-        with translate_db_errors(self.store.url), engine.connect() as conn, conn.begin() as dbtx:
-            self._check_current(conn)
-            tx = Transaction(self, conn)
-            yield tx
-            if write:
-                tx.flush()
-                crashpoint("before_commit")
-            else:
-                dbtx.rollback()
+        with translate_db_errors(self.store.url), engine.connect() as conn:
+            with conn.begin() as dbtx:
+                self._check_current(conn)
+                tx = Transaction(self, conn)
+                yield tx
+                if write:
+                    tx.flush()
+                    crashpoint("before_commit")
+                else:
+                    dbtx.rollback()
+            for fn in tx.after_commit:
+                fn()
 
     def end_boot(self, tx: Transaction, kind: str) -> None:
         """Mark the current boot ended; this object refuses everything afterwards."""
         tx.conn.execute(
-            update(Boot)
-            .where(Boot.id == self.boot_id)
-            .values(ended_at=dt.datetime.now(dt.UTC), end_kind=kind)
+            update(Boot).where(Boot.id == self.boot_id).values(ended_at=dt.datetime.now(dt.UTC), end_kind=kind)
         )
         self._gone = "cold reboot" if kind == "cold" else "live update"
 

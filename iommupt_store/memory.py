@@ -297,9 +297,7 @@ class Memory:
             updates.setdefault(frozenset(cols), []).append(row)
         for i in range(0, len(deletes), _CHUNK):
             self.conn.execute(
-                delete(_PAGES).where(
-                    _PAGES.c.machine_id == self.machine_id, _PAGES.c.pfn.in_(deletes[i : i + _CHUNK])
-                )
+                delete(_PAGES).where(_PAGES.c.machine_id == self.machine_id, _PAGES.c.pfn.in_(deletes[i : i + _CHUNK]))
             )
         for changed, rows in updates.items():
             stmt = (

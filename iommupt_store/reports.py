@@ -69,3 +69,31 @@ class TranslationInfo(Report):
     page_size: int
     level: int
     fault: str | None = None
+
+
+class SealReport(Report):
+    boot: int
+    domains: int
+    frames: int
+    pages_preserved: int
+
+
+class HandoverEntryInfo(Report):
+    token: HexInt
+    compatible: str
+    descriptor: dict[str, object]
+    #: the domain in the boot that preserved it
+    domain: int | None
+    #: the domain it was restored as, in the next boot
+    restored_domain: int | None
+    state: str
+    frames: int
+    unclaimed_frames: int
+
+
+class HandoverReport(Report):
+    boot: int
+    incoming: list[HandoverEntryInfo]
+    outgoing: list[HandoverEntryInfo]
+    #: frames the previous boot preserved that this boot has not re-claimed
+    leaked_frames: int

@@ -61,9 +61,7 @@ class Store:
         if not name or len(name) > 64 or not name.isprintable():
             raise InvalidArgument(f"machine name {name!r} must be 1..64 printable characters")
         if mem_bytes < (2 << 20) or mem_bytes > MAX_MEM_BYTES or mem_bytes % PAGE_SIZE:
-            raise InvalidArgument(
-                f"memory size {mem_bytes} must be a multiple of 4096 between 2 MiB and 4 PiB"
-            )
+            raise InvalidArgument(f"memory size {mem_bytes} must be a multiple of 4096 between 2 MiB and 4 PiB")
         with translate_db_errors(self.url), self.writer.begin() as conn:
             if conn.execute(select(MachineRow.id).where(MachineRow.name == name)).first():
                 raise AlreadyExists(f"machine {name!r} already exists")
@@ -73,9 +71,7 @@ class Store:
         mid = conn.execute(select(MachineRow.id).where(MachineRow.name == name)).scalar()
         if mid is None:
             known = conn.execute(select(MachineRow.name).order_by(MachineRow.name)).scalars().all()
-            hint = (
-                f"; machines here: {', '.join(known)}" if known else "; create one with 'iommupt-store init'"
-            )
+            hint = f"; machines here: {', '.join(known)}" if known else "; create one with 'iommupt-store init'"
             raise NotFound(f"no machine named {name!r} in {self.url}{hint}")
         return mid
 

@@ -110,7 +110,7 @@ def upgrade(ctx: Context, revision: str) -> None:
     err_console.print(f"upgraded {_url(ctx)} to {revision}")
 
 
-@db.command()
+@db.command(context_settings={"ignore_unknown_options": True})  # so that "-1" is a revision
 @click.argument("revision")
 @pass_ctx
 def downgrade(ctx: Context, revision: str) -> None:

@@ -46,6 +46,13 @@ def _prepare_sqlite_file(path: Path, create: bool) -> None:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
+def _is_new_or_ours(cur: sqlite3.Cursor) -> bool:
+    """An empty database (being created) or one that carries an Alembic version table."""
+    if cur.execute("PRAGMA page_count").fetchone()[0] == 0:
+        return True
+    return cur.execute("SELECT 1 FROM sqlite_master WHERE name = 'alembic_version'").fetchone() is not None
+
+
 def make_engine(url: str, *, foreign_keys: bool = True, create: bool = True) -> Engine:
     """An engine for ``url``. SQLite gets WAL, foreign keys, a busy timeout and
     explicit BEGINs: ``BEGIN IMMEDIATE`` for writers (see ``writer``).
@@ -67,7 +74,8 @@ def make_engine(url: str, *, foreign_keys: bool = True, create: bool = True) -> 
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cur.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
-        if path is not None:
+        if path is not None and _is_new_or_ours(cur):
+            # journal_mode=WAL rewrites the file header: never do it to someone else's database
             cur.execute("PRAGMA journal_mode=WAL")
             # WAL + NORMAL survives any process crash; only power loss may drop the last commits.
             cur.execute("PRAGMA synchronous=NORMAL")
@@ -100,9 +108,7 @@ def translate_db_errors(url: str) -> Iterator[None]:
     except (OperationalError, DBAPIError) as e:
         text = str(e.orig) if e.orig is not None else str(e)
         if "database is locked" in text or "database is busy" in text:
-            raise StoreBusy(
-                f"database {url} is locked by another process (waited {BUSY_TIMEOUT_MS} ms)"
-            ) from e
+            raise StoreBusy(f"database {url} is locked by another process (waited {BUSY_TIMEOUT_MS} ms)") from e
         if "file is not a database" in text or "file is encrypted" in text:
             raise SchemaError(f"{url} is not an SQLite database") from e
         raise

@@ -27,9 +27,7 @@ def migrations_dir() -> Path:
     raise SchemaError("the migration scripts are missing from this installation")
 
 
-def alembic_config(
-    url: str, connection: Connection | None = None, stdout: TextIO | None = None
-) -> Config:
+def alembic_config(url: str, connection: Connection | None = None, stdout: TextIO | None = None) -> Config:
     cfg = Config(stdout=stdout) if stdout is not None else Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -66,8 +64,7 @@ def check_ours(conn: Connection, url: str) -> str | None:
             raise SchemaError(f"{url} is not an iommupt-store database (it has tables but no revision)")
     elif rev not in known_revisions():
         raise SchemaError(
-            f"{url} is at revision {rev}, written by a newer iommupt-store; "
-            f"this version knows up to {head_revision()}"
+            f"{url} is at revision {rev}, written by a newer iommupt-store; this version knows up to {head_revision()}"
         )
     return rev
 

@@ -11,6 +11,7 @@ import datetime as dt
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import false
 
 from .types import U64
 
@@ -97,6 +99,9 @@ class Page(Base):
     #: for IOMMU page-table frames: the domain that owns the frame, and the table's level
     domain_id: Mapped[int | None] = mapped_column(ForeignKey("domain.id"), index=True)
     level: Mapped[int | None] = mapped_column(Integer)
+    #: the table was made visible to a non-coherent IOMMU (ioptdesc ``incoherent``);
+    #: stale after a live update, so restore clears it
+    incoherent: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     __table_args__ = (
         CheckConstraint("page_order >= 0 AND page_order <= 18", name="order_range"),
@@ -141,3 +146,55 @@ class Domain(Base):
         CheckConstraint("top_level >= 0 AND top_level <= 5", name="top_level_range"),
         CheckConstraint("max_vasz_lg2 > 0 AND max_vasz_lg2 <= 64", name="vasz_range"),
     )
+
+
+class Preservation(Base):
+    """A KHO-style preservation: pages a boot hands over to the next one.
+
+    Restorable only in the boot right after ``boot_id``, once, at the same
+    order, with unchanged bytes (``content_hash``). Never restored, the pages
+    stay reserved for that boot and are free memory in the one after.
+    """
+
+    __tablename__ = "preservation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    machine_id: Mapped[int] = mapped_column(ForeignKey("machine.id", ondelete="CASCADE"), index=True)
+    pfn: Mapped[int] = mapped_column(BigInteger)
+    page_order: Mapped[int] = mapped_column(Integer, default=0)
+    #: the boot that preserved the pages
+    boot_id: Mapped[int] = mapped_column(ForeignKey("boot.id"), index=True)
+    #: who preserved them, e.g. 'iommupt:domain/3'
+    preserved_by: Mapped[str] = mapped_column(String(64))
+    #: sha256 of the contents when preserved
+    content_hash: Mapped[str] = mapped_column(String(64))
+    restored_boot_id: Mapped[int | None] = mapped_column(ForeignKey("boot.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("machine_id", "boot_id", "pfn", name="uq_preservation_boot_pfn"),
+        CheckConstraint("page_order >= 0 AND page_order <= 18", name="order_range"),
+        CheckConstraint("restored_boot_id IS NULL OR restored_boot_id != boot_id", name="restored_later"),
+    )
+
+
+class HandoverEntry(Base):
+    """One named entry of a boot's handover (a KHO subtree): a compatible
+    string and a serialized descriptor, found by token in the next boot."""
+
+    __tablename__ = "handover_entry"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    machine_id: Mapped[int] = mapped_column(ForeignKey("machine.id", ondelete="CASCADE"), index=True)
+    #: the boot that wrote the entry
+    boot_id: Mapped[int] = mapped_column(ForeignKey("boot.id"), index=True)
+    token: Mapped[int] = mapped_column(U64)
+    compatible: Mapped[str] = mapped_column(String(64))
+    descriptor: Mapped[dict[str, object]] = mapped_column(JSON)
+    #: the object it describes in the writing boot (e.g. the domain)
+    domain_id: Mapped[int | None] = mapped_column(ForeignKey("domain.id"))
+    restored_boot_id: Mapped[int | None] = mapped_column(ForeignKey("boot.id"))
+    restored_domain_id: Mapped[int | None] = mapped_column(ForeignKey("domain.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("boot_id", "token", name="uq_handover_entry_boot_token"),)

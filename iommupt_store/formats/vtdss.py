@@ -69,9 +69,7 @@ class VtdssFormat(PageTableFormat):
             raise InvalidArgument(f"vtdss: bad hw sizes va={hw_max_vasz_lg2} oa={hw_max_oasz_lg2}")
         if top_level is None:
             # Older kernels derived the top from the VA width; do the same.
-            top_level = next(
-                (lvl for lvl in (2, 3, 4) if hw_max_vasz_lg2 <= TABLE_ITEMS_LG2 + item_lg2sz(lvl)), 4
-            )
+            top_level = next((lvl for lvl in (2, 3, 4) if hw_max_vasz_lg2 <= TABLE_ITEMS_LG2 + item_lg2sz(lvl)), 4)
         if not 2 <= top_level <= 4:
             raise NotSupported(f"vtdss: top_level must be 2..4, got {top_level}")
         if hw_max_vasz_lg2 > TABLE_ITEMS_LG2 + item_lg2sz(top_level):

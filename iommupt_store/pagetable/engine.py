@@ -150,8 +150,10 @@ class PageTable:
         if geo.top_level > fmt.max_top_level:
             raise InvalidArgument(f"{fmt.name}: top level {geo.top_level} > {fmt.max_top_level}")
         decodes = TABLE_ITEMS_LG2 + item_lg2sz(geo.top_level)
-        if Feature.DYNAMIC_TOP in features and Feature.DYNAMIC_TOP not in fmt.forced and (
-            geo.top_level == fmt.max_top_level or decodes >= geo.max_vasz_lg2
+        if (
+            Feature.DYNAMIC_TOP in features
+            and Feature.DYNAMIC_TOP not in fmt.forced
+            and (geo.top_level == fmt.max_top_level or decodes >= geo.max_vasz_lg2)
         ):
             features = features - {Feature.DYNAMIC_TOP}
         dynamic = fmt.effective(Feature.DYNAMIC_TOP, features)
@@ -330,9 +332,7 @@ class PageTable:
                 self.frames.write(table)[i] = fmt.encode_table(child, lvl, feats)
                 table = child
             else:
-                raise AddressInUse(
-                    f"iova {va:#x} is inside an existing {_size_text(lvl, d.contig_lg2)} mapping"
-                )
+                raise AddressInUse(f"iova {va:#x} is inside an existing {_size_text(lvl, d.contig_lg2)} mapping")
             lvl -= 1
         self._table_cache[key] = table
         return table
@@ -475,9 +475,7 @@ class PageTable:
         index over both halves (``pt_all_range`` + ``__collect_tables``)."""
         return [self.top_phys, *self._collect_below(self.top_phys, self.top_level, top=True)]
 
-    def _collect_below(
-        self, table: int, level: int, *, check_mapped: bool = False, top: bool = False
-    ) -> list[int]:
+    def _collect_below(self, table: int, level: int, *, check_mapped: bool = False, top: bool = False) -> list[int]:
         out: list[int] = []
         seen = {table}
         fmt, feats = self.fmt, self.features
@@ -496,9 +494,7 @@ class PageTable:
                     out.append(d.addr)
                     walk(d.addr, lvl - 1, ITEMS_PER_TABLE)
                 elif d.type is _OA and check_mapped:
-                    raise AddressInUse(
-                        f"the table being replaced still maps a {_size_text(lvl, d.contig_lg2)} page"
-                    )
+                    raise AddressInUse(f"the table being replaced still maps a {_size_text(lvl, d.contig_lg2)} page")
 
         walk(table, level, self.top_items() if top else ITEMS_PER_TABLE)
         return out

@@ -34,9 +34,7 @@ def upgrade() -> None:
         sa.Column("pgsize_bitmap", sa.BigInteger(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("(state = 'freed') = (top_phys IS NULL)", name=op.f("ck_domain_top_unless_freed")),
-        sa.CheckConstraint(
-            "state IN ('live', 'preserved', 'restored', 'freed')", name=op.f("ck_domain_state_known")
-        ),
+        sa.CheckConstraint("state IN ('live', 'preserved', 'restored', 'freed')", name=op.f("ck_domain_state_known")),
         sa.CheckConstraint("max_vasz_lg2 > 0 AND max_vasz_lg2 <= 64", name=op.f("ck_domain_vasz_range")),
         sa.CheckConstraint("top_level >= 0 AND top_level <= 5", name=op.f("ck_domain_top_level_range")),
         sa.ForeignKeyConstraint(["boot_id"], ["boot.id"], name=op.f("fk_domain_boot_id_boot")),
@@ -54,9 +52,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("level", sa.Integer(), nullable=True))
         batch_op.create_index(batch_op.f("ix_page_domain_id"), ["domain_id"], unique=False)
         batch_op.create_foreign_key(batch_op.f("fk_page_domain_id_domain"), "domain", ["domain_id"], ["id"])
-        batch_op.create_check_constraint(
-            op.f("ck_page_frame_has_level"), "(domain_id IS NULL) = (level IS NULL)"
-        )
+        batch_op.create_check_constraint(op.f("ck_page_frame_has_level"), "(domain_id IS NULL) = (level IS NULL)")
 
 
 def downgrade() -> None:

@@ -1,0 +1,152 @@
+"""Ending a boot with a live update, and starting the next one.
+
+``liveupdate`` seals the current boot's handover after checking every
+preserved domain, then ends the boot: the process's Machine object refuses
+everything afterwards. The next process to open the machine starts boot N+1,
+where memory boot N did not preserve is free again and the handover lists what
+can be restored.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import delete, func, select, update
+
+from ..crash import crashpoint
+from ..db.models import Domain as DomainRow
+from ..db.models import HandoverEntry, Page, Preservation
+from ..descriptors import parse_domain_descriptor
+from ..domains import get_domain
+from ..errors import BadData
+from ..machine import BOOT_START_HOOKS, Machine, Transaction
+from ..memory import PAGE_SHIFT
+from ..reports import HandoverEntryInfo, HandoverReport, SealReport
+from . import kho
+from .iommu import incoming_entries, owner_tag
+
+
+class SealRefused(BadData):
+    """A preserved domain is inconsistent: the live update is cancelled, nothing changed."""
+
+
+def check_preserved(tx: Transaction) -> tuple[int, int]:
+    """Check every domain preserved in this boot; returns (domains, frames).
+
+    Frames reachable from the top must be exactly the frames preserved for the
+    domain, with the bytes they had when preserved.
+    """
+    h = HandoverEntry
+    entries = tx.conn.execute(
+        select(h.token, h.descriptor, h.domain_id).where(h.boot_id == tx.machine.boot_id).order_by(h.token)
+    ).all()
+    frames = 0
+    for token, raw_desc, domain_id in entries:
+        where = f"token {token:#x}"
+        desc = parse_domain_descriptor(raw_desc, f"descriptor of {where}")
+        if domain_id is None:
+            raise SealRefused(f"{where}: the entry names no domain")
+        dom = get_domain(tx, domain_id)
+        if dom.state != "preserved":
+            raise SealRefused(f"{where}: domain {domain_id} is {dom.state}, not preserved")
+        pt = dom.pt
+        if (desc.top_table_phys, desc.top_level, desc.vasz) != (pt.top_phys, pt.top_level, pt.range_vasz()):
+            raise SealRefused(f"{where}: the descriptor no longer matches domain {domain_id}'s top")
+        try:
+            reachable = {phys >> PAGE_SHIFT for phys in pt.collect_tables()}
+        except BadData as e:
+            raise SealRefused(f"{where}: domain {domain_id}: {e}") from e
+        preserved = kho.preserved_by(tx, owner_tag(domain_id))
+        if reachable != set(preserved):
+            extra = sorted(reachable - set(preserved))
+            missing = sorted(set(preserved) - reachable)
+            raise SealRefused(
+                f"{where}: domain {domain_id} reaches {len(extra)} unpreserved frame(s) {[hex(p) for p in extra[:4]]} "
+                f"and {len(missing)} preserved frame(s) are unreachable {[hex(p) for p in missing[:4]]}"
+            )
+        for pfn, rec in preserved.items():
+            if kho.content_hash(tx.memory.read(pfn)) != rec.content_hash:
+                raise SealRefused(f"{where}: frame {pfn:#x} of domain {domain_id} changed after preserve")
+        frames += len(preserved)
+    return len(entries), frames
+
+
+def liveupdate(machine: Machine) -> SealReport:
+    """Seal the handover and end the boot (the kexec). A failed check changes nothing."""
+    with machine.transaction() as tx:
+        domains, frames = check_preserved(tx)
+        pages = tx.conn.execute(
+            select(func.count()).select_from(Preservation).where(Preservation.boot_id == machine.boot_id)
+        ).scalar_one()
+        crashpoint("seal")
+        machine.end_boot(tx, "liveupdate")
+    return SealReport(boot=machine.boot_number, domains=domains, frames=frames, pages_preserved=pages)
+
+
+def _on_boot_start(tx: Transaction, prev_number: int, end_kind: str) -> None:
+    """Boot N+1 after a live update: what boot N did not preserve is free memory."""
+    if end_kind != "liveupdate":
+        return  # a cold reboot freed everything when it happened
+    prev_id = kho.incoming_boot_id(tx)
+    mid = tx.machine.id
+    kept = select(Preservation.pfn).where(Preservation.machine_id == mid, Preservation.boot_id == prev_id)
+    tx.conn.execute(delete(Page).where(Page.machine_id == mid, Page.pfn.not_in(kept)))
+    handed_over = select(HandoverEntry.domain_id).where(
+        HandoverEntry.boot_id == prev_id, HandoverEntry.domain_id.is_not(None)
+    )
+    tx.conn.execute(
+        update(DomainRow)
+        .where(DomainRow.machine_id == mid, DomainRow.state != "freed", DomainRow.id.not_in(handed_over))
+        .values(state="freed", top_phys=None)
+    )
+    crashpoint("boot_start_hook")
+
+
+BOOT_START_HOOKS.append(_on_boot_start)
+
+
+def handover_report(tx: Transaction) -> HandoverReport:
+    """What the previous boot handed over (and what became of it), and what this boot hands over so far."""
+    incoming = []
+    leaked_frames = 0
+    try:
+        prev = kho.incoming_boot_id(tx)
+    except Exception:
+        prev = None
+    for e in incoming_entries(tx):
+        frames = kho.preserved_by(tx, owner_tag(e.domain_id), prev) if e.domain_id is not None and prev else {}
+        unclaimed = sum(1 for r in frames.values() if r.restored_boot_id is None)
+        leaked_frames += unclaimed
+        incoming.append(
+            HandoverEntryInfo(
+                token=e.token,
+                compatible=e.compatible,
+                descriptor=e.descriptor,
+                domain=e.domain_id,
+                restored_domain=e.restored_domain_id,
+                state="restored" if e.restored_boot_id is not None else "restorable",
+                frames=len(frames),
+                unclaimed_frames=unclaimed,
+            )
+        )
+    h = HandoverEntry
+    outgoing = []
+    for token, compatible, desc, domain_id in tx.conn.execute(
+        select(h.token, h.compatible, h.descriptor, h.domain_id)
+        .where(h.boot_id == tx.machine.boot_id)
+        .order_by(h.token)
+    ):
+        frames = kho.preserved_by(tx, owner_tag(domain_id)) if domain_id is not None else {}
+        outgoing.append(
+            HandoverEntryInfo(
+                token=token,
+                compatible=compatible,
+                descriptor=desc,
+                domain=domain_id,
+                restored_domain=None,
+                state="preserved",
+                frames=len(frames),
+                unclaimed_frames=0,
+            )
+        )
+    return HandoverReport(
+        boot=tx.machine.boot_number, incoming=incoming, outgoing=outgoing, leaked_frames=leaked_frames
+    )

@@ -1,0 +1,161 @@
+"""KHO-style preservation of pages across a live update.
+
+A boot preserves (pfn, order) runs; the next boot may restore each exactly
+once, at the same order, with unchanged bytes. Unlike the kernel we record who
+preserved a page and a hash of its contents, and every misuse is a specific
+error rather than a WARN or BUG_ON. Every call is all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import delete, insert, select, update
+
+from ..db.models import Boot, Preservation
+from ..errors import AlreadyExists, BadData, InvalidArgument, NotFound, NotPermitted
+from ..machine import Transaction
+
+_CHUNK = 500
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class PreservedPage:
+    id: int
+    pfn: int
+    order: int
+    preserved_by: str
+    content_hash: str
+    restored_boot_id: int | None
+
+
+def _rows(tx: Transaction, boot_id: int, pfns: Sequence[int]) -> dict[int, PreservedPage]:
+    out: dict[int, PreservedPage] = {}
+    p = Preservation
+    for i in range(0, len(pfns), _CHUNK):
+        q = select(p.id, p.pfn, p.page_order, p.preserved_by, p.content_hash, p.restored_boot_id).where(
+            p.machine_id == tx.machine.id, p.boot_id == boot_id, p.pfn.in_(pfns[i : i + _CHUNK])
+        )
+        for r in tx.conn.execute(q):
+            out[r.pfn] = PreservedPage(r.id, r.pfn, r.page_order, r.preserved_by, r.content_hash, r.restored_boot_id)
+    return out
+
+
+def preserved_by(tx: Transaction, who: str, boot_id: int | None = None) -> dict[int, PreservedPage]:
+    """Every page ``who`` preserved in ``boot_id`` (default: the current boot)."""
+    p = Preservation
+    q = select(p.id, p.pfn, p.page_order, p.preserved_by, p.content_hash, p.restored_boot_id).where(
+        p.machine_id == tx.machine.id,
+        p.boot_id == (tx.machine.boot_id if boot_id is None else boot_id),
+        p.preserved_by == who,
+    )
+    return {
+        r.pfn: PreservedPage(r.id, r.pfn, r.page_order, r.preserved_by, r.content_hash, r.restored_boot_id)
+        for r in tx.conn.execute(q)
+    }
+
+
+def preserve_pages(tx: Transaction, pages: Iterable[tuple[int, int]], who: str) -> None:
+    """Record ``(pfn, order)`` runs as handed over by this boot (``kho_preserve_folio``)."""
+    pages = list(pages)
+    mem = tx.memory
+    for pfn, order in pages:
+        if not mem.is_allocated(pfn):
+            raise InvalidArgument(f"pfn {pfn:#x} is not allocated memory: nothing to preserve")
+        if mem.order(pfn) != order:
+            raise InvalidArgument(f"pfn {pfn:#x} is an order-{mem.order(pfn)} block, not order {order}")
+    if len({pfn for pfn, _ in pages}) != len(pages):
+        raise InvalidArgument("the same pfn is listed twice")
+    existing = _rows(tx, tx.machine.boot_id, [pfn for pfn, _ in pages])
+    if existing:
+        first = next(iter(existing.values()))
+        raise AlreadyExists(f"pfn {first.pfn:#x} is already preserved in this boot (by {first.preserved_by})")
+    rows = [
+        {
+            "machine_id": tx.machine.id,
+            "pfn": pfn,
+            "page_order": order,
+            "boot_id": tx.machine.boot_id,
+            "preserved_by": who,
+            "content_hash": content_hash(mem.read(pfn)),
+        }
+        for pfn, order in pages
+    ]
+    if rows:
+        tx.conn.execute(insert(Preservation), rows)
+
+
+def unpreserve_pages(tx: Transaction, pages: Iterable[tuple[int, int]], who: str) -> None:
+    """Drop this boot's records for exactly these runs; anything else is an error
+    and no record is dropped (``kho_unpreserve_folio``)."""
+    pages = list(pages)
+    rows = _rows(tx, tx.machine.boot_id, [pfn for pfn, _ in pages])
+    for pfn, order in pages:
+        row = rows.get(pfn)
+        if row is None:
+            raise NotFound(f"pfn {pfn:#x} was never preserved in this boot")
+        if row.preserved_by != who:
+            raise NotPermitted(f"pfn {pfn:#x} was preserved by {row.preserved_by}, not {who}")
+        if row.order != order:
+            raise InvalidArgument(f"pfn {pfn:#x} was preserved at order {row.order}, not {order}")
+    ids = [rows[pfn].id for pfn, _ in pages]
+    for i in range(0, len(ids), _CHUNK):
+        tx.conn.execute(delete(Preservation).where(Preservation.id.in_(ids[i : i + _CHUNK])))
+
+
+def previous_boot(tx: Transaction) -> tuple[int, int, str | None]:
+    """(id, number, end_kind) of the boot right before the current one."""
+    row = tx.conn.execute(
+        select(Boot.id, Boot.number, Boot.end_kind).where(
+            Boot.machine_id == tx.machine.id, Boot.number == tx.machine.boot_number - 1
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"boot {tx.machine.boot_number} is the machine's first: nothing was handed over")
+    return row.id, row.number, row.end_kind
+
+
+def incoming_boot_id(tx: Transaction) -> int:
+    """The previous boot, which must have ended with a sealed live update."""
+    boot_id, number, end_kind = previous_boot(tx)
+    if end_kind != "liveupdate":
+        raise NotFound(f"boot {number} ended with a {end_kind or 'missing'} reboot: it handed nothing over")
+    return boot_id
+
+
+def restore_pages(tx: Transaction, pages: Sequence[tuple[int, int]], who: str | None = None) -> None:
+    """Re-claim pages the previous boot preserved (``kho_restore_folio``), all or none.
+
+    Each must be preserved by the previous (sealed) boot, at that order, by
+    ``who`` when given, not yet restored, with the bytes it had when preserved.
+    """
+    prev = incoming_boot_id(tx)
+    rows = _rows(tx, prev, [pfn for pfn, _ in pages])
+    mem = tx.memory
+    for pfn, order in pages:
+        row = rows.get(pfn)
+        if row is None:
+            raise NotFound(f"pfn {pfn:#x} was not preserved by the previous boot")
+        if who is not None and row.preserved_by != who:
+            raise NotPermitted(f"pfn {pfn:#x} was preserved by {row.preserved_by}, not {who}")
+        if row.order != order:
+            raise InvalidArgument(f"pfn {pfn:#x} was preserved at order {row.order}, not {order}")
+        if row.restored_boot_id is not None:
+            raise AlreadyExists(f"pfn {pfn:#x} has already been restored")
+        if content_hash(mem.read(pfn)) != row.content_hash:
+            raise BadData(f"pfn {pfn:#x} changed after it was preserved (content hash mismatch)")
+    ids = [rows[pfn].id for pfn, _ in pages]
+    for i in range(0, len(ids), _CHUNK):
+        tx.conn.execute(
+            update(Preservation)
+            .where(Preservation.id.in_(ids[i : i + _CHUNK]))
+            .values(restored_boot_id=tx.machine.boot_id)
+        )
+    for pfn, _ in pages:
+        mem.set_meta(pfn, boot_id=tx.machine.boot_id)
