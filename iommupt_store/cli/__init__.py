@@ -15,6 +15,7 @@ from ..store import DEFAULT_MACHINE, ENV_DB
 from .common import Context, Group, fail
 from .db_cmds import db, init, status
 from .domain_cmds import COMMANDS as DOMAIN_COMMANDS
+from .liveupdate_cmds import COMMANDS as LIVEUPDATE_COMMANDS
 
 EPILOG = f"""\b
 Exit codes:
@@ -66,7 +67,7 @@ def cli(ctx: click.Context, db: str | None, machine: str) -> None:
 cli.add_command(init)
 cli.add_command(status)
 cli.add_command(db)
-for _cmd in DOMAIN_COMMANDS:
+for _cmd in DOMAIN_COMMANDS + LIVEUPDATE_COMMANDS:
     cli.add_command(_cmd)
 
 
