@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 GRANULE_LG2 = 12
 TABLE_ITEMS_LG2 = 9
@@ -67,9 +67,8 @@ class Feature(enum.Enum):
 Features = frozenset[Feature]
 
 
-@dataclass(frozen=True)
-class Decoded:
-    """One decoded item.
+class Decoded(NamedTuple):
+    """One decoded item (a tuple: cheap to create on hot paths).
 
     ``addr`` is the child table's physical address for TABLE, the output
     address of the *whole entry* (start of a contiguous block) for OA, and 0

@@ -11,10 +11,11 @@ sharing).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from ..formats.base import ITEMS_PER_TABLE, U64_MASK, EntryType, PageTableFormat, item_lg2sz
+from ..formats.base import ITEMS_PER_TABLE, U64_MASK, EntryType, Feature, PageTableFormat, item_lg2sz
 
 _ITEMS = struct.Struct(f"<{ITEMS_PER_TABLE}Q")
 
@@ -31,8 +32,7 @@ class Translation:
     fault: str | None = None
 
 
-@dataclass(frozen=True)
-class Leaf:
+class Leaf(NamedTuple):
     iova: int
     phys: int
     size: int
@@ -161,11 +161,14 @@ class HardwareWalker:
         n = 1 << (self.vasz - item_lg2sz(self.top_level))
         return visit(self.top_phys, self.top_level, 0, min(n, ITEMS_PER_TABLE), True)
 
-    def leaves(self) -> Iterator[Leaf]:
+    def leaves(self) -> list[Leaf]:
         """Every mapping, in ascending index order from the top (lower half first)."""
         seen: set[int] = set()
+        out: list[Leaf] = []
+        decode, empty = self.fmt.decode, frozenset[Feature]()
+        oa_type = EntryType.OA
 
-        def visit(phys: int, level: int, base: int, n: int, top: bool) -> Iterator[Leaf]:
+        def visit(phys: int, level: int, base: int, n: int, top: bool) -> None:
             if phys in seen:
                 raise WalkError(f"table {phys:#x} is reachable twice (cycle or shared table)")
             seen.add(phys)
@@ -177,18 +180,21 @@ class HardwareWalker:
                 if not raw:
                     i += 1
                     continue
-                d = self.fmt.decode(raw, level, frozenset())
-                va = self._top_base(i) if top else base + (i << item)
-                if d.type is EntryType.OA:
+                d = decode(raw, level, empty)
+                if d.type is oa_type:
+                    va = self._top_base(i) if top else base + (i << item)
                     step = 1 << d.contig_lg2
-                    yield Leaf(va & ~((1 << (item + d.contig_lg2)) - 1), d.addr, 1 << (item + d.contig_lg2), level)
+                    size = 1 << (item + d.contig_lg2)
+                    out.append(Leaf(va & ~(size - 1), d.addr, size, level))
                     i = (i & ~(step - 1)) + step
                     continue
                 if d.type is EntryType.TABLE:
                     if level == 0:
                         raise WalkError(f"level-0 table {phys:#x} holds a table pointer at index {i}")
-                    yield from visit(d.addr, level - 1, va, ITEMS_PER_TABLE, False)
+                    va = self._top_base(i) if top else base + (i << item)
+                    visit(d.addr, level - 1, va, ITEMS_PER_TABLE, False)
                 i += 1
 
         n = 1 << (self.vasz - item_lg2sz(self.top_level))
-        yield from visit(self.top_phys, self.top_level, 0, min(n, ITEMS_PER_TABLE), True)
+        visit(self.top_phys, self.top_level, 0, min(n, ITEMS_PER_TABLE), True)
+        return out
