@@ -108,6 +108,9 @@ class Machine:
         engine = self.store.writer if write else self.store.engine
         with translate_db_errors(self.store.url), engine.connect() as conn:
             with conn.begin() as dbtx:
+                if write and conn.dialect.name != "sqlite":
+                    # SQLite writers serialize with BEGIN IMMEDIATE; elsewhere lock the machine row
+                    conn.execute(select(MachineRow.id).where(MachineRow.id == self.id).with_for_update())
                 self._check_current(conn)
                 tx = Transaction(self, conn)
                 yield tx

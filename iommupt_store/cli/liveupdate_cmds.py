@@ -102,6 +102,18 @@ def restore(ctx: Context, token: int, as_json: bool) -> None:
         out_console.print(info.id)
 
 
+def _describe(desc: dict[str, object]) -> str:
+    """A one-line view of a descriptor (the whole one is in --json)."""
+    try:
+        return (
+            f"{desc['format']} top {desc['top_table_phys']} L{desc['top_level']} vasz {desc['vasz']}"
+            + (" sign-extended" if desc.get("sign_extend") else "")
+            + f" (v{desc['version']})"
+        )
+    except KeyError:
+        return json.dumps(desc)
+
+
 @click.command()
 @json_option
 @pass_ctx
@@ -124,7 +136,7 @@ def handover(ctx: Context, as_json: bool) -> None:
                 str(e.restored_domain or "-"),
                 str(e.frames),
                 str(e.unclaimed_frames),
-                json.dumps(e.descriptor),
+                _describe(e.descriptor),
             )
         out_console.print(table)
     if report.leaked_frames:

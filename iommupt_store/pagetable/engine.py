@@ -41,6 +41,7 @@ from .frames import FrameStore
 
 _ZEROS = array("Q", bytes(4096))
 _EMPTY, _TABLE, _OA = EntryType.EMPTY, EntryType.TABLE, EntryType.OA
+_READ_OR_WRITE = int(Prot.READ | Prot.WRITE)
 
 
 def compute_best_pgsize(bitmap: int, va: int, last_va: int, oa: int) -> int:
@@ -244,7 +245,7 @@ class PageTable:
         On failure the part already installed is unmapped again, as the IOMMU
         core does; tables allocated on the way stay (the kernel keeps them too).
         """
-        if not prot & (Prot.READ | Prot.WRITE):
+        if not int(prot) & _READ_OR_WRITE:
             raise InvalidArgument(f"prot {prot:#x} has neither READ nor WRITE")
         if self.max_oasz_lg2 < 64 and paddr >> self.max_oasz_lg2:
             raise OutOfRange(f"paddr {paddr:#x} is above the {self.max_oasz_lg2}-bit output address limit")
@@ -456,17 +457,23 @@ class PageTable:
         Deviation: for an address outside the table the kernel returns the
         negative errno cast to an address; we raise OutOfRange.
         """
-        if not 0 <= iova <= U64_MASK or not self.check_range(iova, iova):
+        vasz = self.range_vasz()
+        if not 0 <= iova <= U64_MASK or not self.check_range(iova, iova, vasz):
             raise OutOfRange(f"iova {iova:#x} is outside the table's {self._range_text()}")
+        decode, read, feats = self.fmt.decode, self.frames.read, self.features
         table, level = self.top_phys, self.top_level
+        isz = item_lg2sz(level)
+        # the top index as _index() computes it, then (va >> isz) mod 512 below
+        i = (iova & ((1 << vasz) - 1) if vasz < 64 else iova) >> isz
         while True:
-            d = self.fmt.decode(self.frames.read(table)[self._index(iova, level)], level, self.features)
+            d = decode(read(table)[i], level, feats)
             if d.type is _EMPTY:
                 return 0
             if d.type is _TABLE:
-                table, level = d.addr, level - 1
+                table, level, isz = d.addr, level - 1, isz - TABLE_ITEMS_LG2
+                i = (iova >> isz) & (ITEMS_PER_TABLE - 1)
                 continue
-            size = 1 << (item_lg2sz(level) + d.contig_lg2)
+            size = 1 << (isz + d.contig_lg2)
             return d.addr | (iova & (size - 1))
 
     # -- collect / free -------------------------------------------------------------------
