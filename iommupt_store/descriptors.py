@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     TypeAdapter,
+    ValidationInfo,
     ValidationError,
     WithJsonSchema,
 )
@@ -34,8 +35,10 @@ FLAG_INCOMING = 1 << 1
 FORMAT_NAMES = ("amdv1", "x86_64", "vtdss", "riscv")
 
 
-def _parse_hex(value: Any) -> Any:
-    """Accept ``"0x..."`` strings (the JSON form); leave ints to the strict check."""
+def _parse_hex(value: Any, info: ValidationInfo) -> Any:
+    """Accept ``"0x..."`` strings (the JSON form); ints only when built in Python, not from stored JSON."""
+    if info.context and info.context.get("stored") and not isinstance(value, str):
+        raise ValueError("must be a hex string like '0x1000' in a stored descriptor")
     if isinstance(value, str):
         if not value.startswith("0x") or not 3 <= len(value) <= 18:
             raise ValueError("must be a hex string like '0x1000' (at most 16 digits)")
@@ -93,8 +96,8 @@ def parse_domain_descriptor(data: Any, what: str = "domain descriptor") -> Domai
     """Validate a stored descriptor (a JSON string or the decoded object)."""
     try:
         if isinstance(data, str | bytes):
-            return _ADAPTER.validate_json(data)
-        return _ADAPTER.validate_python(data)
+            return _ADAPTER.validate_json(data, context={"stored": True})
+        return _ADAPTER.validate_python(data, context={"stored": True})
     except ValidationError as e:
         raise BadData(describe_errors(e, what)) from None
 

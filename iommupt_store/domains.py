@@ -146,8 +146,8 @@ class Domain:
             max_vasz_lg2=pt.max_vasz_lg2 if pt else row.max_vasz_lg2,
             range_vasz_lg2=pt.range_vasz() if pt else row.max_vasz_lg2,
             max_oasz_lg2=pt.max_oasz_lg2 if pt else row.max_oasz_lg2,
-            sign_extend=pt.sign_extend if pt else False,
-            features=sorted(f.value for f in (pt.features if pt else ())),
+            sign_extend=pt.sign_extend if pt else "SIGN_EXTEND" in row.features,
+            features=sorted(f.value for f in pt.features) if pt else sorted(row.features),
             pgsize_bitmap=pt.pgsize_bitmap if pt else row.pgsize_bitmap,
             frames=frames,
         )

@@ -224,3 +224,50 @@ __all__ = [
     "sqlite_dump",
     "subprocess_env",
 ]
+
+
+# -- live-update helpers (tests/test_liveupdate_*.py) ------------------------------------------------
+
+
+def run_python(
+    code: str, *args: str, env: dict[str, str] | None = None, timeout: float = SUBPROCESS_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """``python -c code *args`` in a child with ``subprocess_env`` (usable from module-scoped fixtures).
+
+    A child is a kernel: its exit (normal or by ``kill -9``) ends what it held in memory.
+    """
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env=subprocess_env(**(env or {})),
+        timeout=timeout,
+    )
+
+
+def run_python_ok(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``run_python`` that must exit 0 (the child's stderr is shown otherwise)."""
+    proc = run_python(code, *args, env=env)
+    assert proc.returncode == 0, f"child exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def _lu_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("lu-template") / "lu.db"
+    with Store.init(path) as s:
+        s.create_machine("lu", 64 << 20)
+    assert not path.with_name("lu.db-wal").exists() or path.with_name("lu.db-wal").stat().st_size == 0
+    return path
+
+
+@pytest.fixture
+def lu_db(tmp_path: Path, _lu_db_template: Path) -> Path:
+    """A fresh store with a 64 MiB machine named ``"lu"`` that no process has attached to yet.
+
+    A copy of one template (migrating a new database for every test is slow).
+    """
+    path = tmp_path / "lu.db"
+    path.write_bytes(_lu_db_template.read_bytes())
+    return path

@@ -208,6 +208,32 @@ def _walk_preserved(
     return out
 
 
+def _check_against_old_domain(tx: Transaction, desc: DomainDescriptorV1, domain_id: int, token: int) -> None:
+    """The descriptor must describe the domain whose frames it hands over: same format, same sign extension
+    (either one changed makes the same frames translate other IOVAs, or decode as another format)."""
+    row = tx.conn.execute(
+        select(DomainRow.format, DomainRow.features).where(
+            DomainRow.id == domain_id, DomainRow.machine_id == tx.machine.id
+        )
+    ).first()
+    if row is None:
+        raise BadData(f"handover entry {token:#x} names domain {domain_id}, which does not exist")
+    if desc.format != row.format:
+        raise BadData(
+            f"descriptor of token {token:#x} says format {desc.format}, but domain {domain_id} is {row.format}"
+        )
+    fmt = get_format(row.format)
+    try:
+        old_se = fmt.effective(Feature.SIGN_EXTEND, frozenset(Feature(f) for f in row.features))
+    except ValueError as e:
+        raise BadData(f"domain {domain_id}: {e}") from e
+    if desc.sign_extend != old_se:
+        raise BadData(
+            f"descriptor of token {token:#x} has sign_extend={desc.sign_extend}, but domain {domain_id} "
+            f"{'is' if old_se else 'is not'} sign-extended"
+        )
+
+
 def restore_domain(tx: Transaction, token: int) -> Domain:
     """Restore the domain the previous boot preserved under ``token``: all or nothing."""
     entry = _find_incoming(tx, token)
@@ -219,8 +245,17 @@ def restore_domain(tx: Transaction, token: int) -> Domain:
     _validate_geometry(desc)
     if entry.domain_id is None:
         raise BadData(f"handover entry {token:#x} names no domain")
+    _check_against_old_domain(tx, desc, entry.domain_id, token)
     preserved = kho.preserved_by(tx, owner_tag(entry.domain_id), kho.incoming_boot_id(tx))
     frames = _walk_preserved(tx, desc, preserved, entry.domain_id)
+    unreached = sorted(set(preserved) - {pfn for pfn, _ in frames})
+    if unreached:
+        # the descriptor decodes less than was handed over (e.g. a narrowed vasz): restoring it would
+        # change translations and leave preserved tables behind
+        raise BadData(
+            f"descriptor of token {token:#x} does not reach {len(unreached)} frame(s) preserved for domain "
+            f"{entry.domain_id}: {[hex(p) for p in unreached[:4]]}"
+        )
 
     # A fresh domain of the same format, whose own top is freed in favour of the preserved one.
     dom = domain_alloc(tx, desc.format)

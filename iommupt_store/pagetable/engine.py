@@ -404,18 +404,24 @@ class PageTable:
         if length <= 0 or iova < 0 or iova + length - 1 > U64_MASK:
             return 0
         last = iova + length - 1
-        if not self.check_range(iova, last):
+        vasz = self.range_vasz()
+        if not self.check_range(iova, last, vasz):
             return 0
-        unmapped, _stopped = self._unmap(self.top_phys, self.top_level, iova, last)
+        unmapped, _stopped = self._unmap(self.top_phys, self.top_level, iova, last, vasz)
         return unmapped
 
-    def _unmap(self, table: int, level: int, va: int, last: int) -> tuple[int, bool]:
+    def _unmap(self, table: int, level: int, va: int, last: int, vasz: int) -> tuple[int, bool]:
+        """``vasz`` is ``range_vasz()``, computed once per unmap for the top's index and size."""
         fmt, feats = self.fmt, self.features
         item = item_lg2sz(level)
         words = self.frames.read(table)
         wr: memoryview | None = None
-        i = self._index(va, level)
-        limit = self.top_items() if level == self.top_level else ITEMS_PER_TABLE
+        if level == self.top_level:  # _index() and top_items() with vasz
+            i = (va & ((1 << vasz) - 1) if vasz < 64 else va) >> item
+            limit = 1 << (vasz - item)
+        else:
+            i = (va >> item) & (ITEMS_PER_TABLE - 1)
+            limit = ITEMS_PER_TABLE
         item_va = va >> item << item
         total, first = 0, True
         while i < limit and item_va <= last:
@@ -437,7 +443,7 @@ class PageTable:
             else:
                 span_last = item_va + (1 << item) - 1
                 covered = item_va >= va and span_last <= last
-                sub, stopped = self._unmap(d.addr, level - 1, max(va, item_va), min(last, span_last))
+                sub, stopped = self._unmap(d.addr, level - 1, max(va, item_va), min(last, span_last), vasz)
                 total += sub
                 if stopped:
                     return total, True
