@@ -22,8 +22,8 @@ from pydantic import (
     Field,
     PlainSerializer,
     TypeAdapter,
-    ValidationInfo,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
 )
 

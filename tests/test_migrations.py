@@ -6,6 +6,7 @@ every downgrade runs) are imported here so they run without ``--test-alembic``.
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,7 +59,7 @@ def test_migrations_dir_holds_env_and_versions() -> None:
 def test_history_is_linear_from_base_to_head() -> None:
     revs = migrate.history()
     assert revs[0]["down_revision"] is None
-    for older, newer in zip(revs, revs[1:], strict=False):
+    for older, newer in itertools.pairwise(revs):
         assert newer["down_revision"] == older["revision"]
     assert revs[-1]["revision"] == migrate.head_revision()
     assert migrate.known_revisions() == {r["revision"] for r in revs}
