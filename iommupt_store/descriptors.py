@@ -102,10 +102,43 @@ def parse_domain_descriptor(data: Any, what: str = "domain descriptor") -> Domai
         raise BadData(describe_errors(e, what)) from None
 
 
-def dump_descriptor(desc: DomainDescriptorV1) -> dict[str, Any]:
+def dump_descriptor(desc: BaseModel) -> dict[str, Any]:
     """The JSON-ready form stored in the database."""
     return desc.model_dump(mode="json")
 
 
 def descriptor_json_schema() -> dict[str, Any]:
     return _ADAPTER.json_schema()
+
+
+DEVICE_COMPATIBLE = "iommu-device-v1"
+
+
+class DeviceDescriptorV1(_Descriptor):
+    """A preserved device attachment (``struct iommu_device_ser``): the PCI
+    address, the domain id it uses, and the token of its preserved domain."""
+
+    version: Literal[1] = 1
+    compatible: Literal["iommu-device-v1"] = "iommu-device-v1"
+    segment: Annotated[int, Field(ge=0, le=0xFFFF)]
+    bus: Annotated[int, Field(ge=0, le=0xFF)]
+    devfn: Annotated[int, Field(ge=0, le=0xFF)]
+    did: Annotated[int, Field(ge=1, le=0xFFFF)]
+    domain_token: HexU64
+    owner: Annotated[str, Field(max_length=64)]
+
+    @property
+    def bdf(self) -> str:
+        return f"{self.segment:04x}:{self.bus:02x}:{self.devfn >> 3:02x}.{self.devfn & 7}"
+
+
+_DEVICE_ADAPTER: TypeAdapter[DeviceDescriptorV1] = TypeAdapter(DeviceDescriptorV1)
+
+
+def parse_device_descriptor(data: Any, what: str = "device descriptor") -> DeviceDescriptorV1:
+    try:
+        if isinstance(data, str | bytes):
+            return _DEVICE_ADAPTER.validate_json(data, context={"stored": True})
+        return _DEVICE_ADAPTER.validate_python(data, context={"stored": True})
+    except ValidationError as e:
+        raise BadData(describe_errors(e, what)) from None

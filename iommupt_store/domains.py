@@ -14,9 +14,9 @@ from typing import Any
 
 from sqlalchemy import func, insert, select, update
 
-from .db.models import Boot, Page
+from .db.models import Boot, Device, Page
 from .db.models import Domain as DomainRow
-from .errors import BadData, NotFound, NotPermitted
+from .errors import BadData, Busy, NotFound, NotPermitted
 from .formats import get_format
 from .formats.base import Feature, Prot
 from .machine import Transaction
@@ -118,6 +118,9 @@ class Domain:
             raise NotPermitted(f"domain {self.id} is preserved for a live update: unpreserve it before freeing")
         if self.boot_id != self.tx.machine.boot_id and self.state != "freed":
             raise NotPermitted(f"domain {self.id} belongs to an earlier boot: restore it before freeing")
+        attached = self.tx.conn.execute(select(Device.bdf).where(Device.domain_id == self.id)).scalars().all()
+        if attached:
+            raise Busy(f"domain {self.id} is attached to device(s) {', '.join(attached)}: detach or replace first")
         n = self.pt.free()
         self._pt = None
         self.set_state("freed")

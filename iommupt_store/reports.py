@@ -86,6 +86,8 @@ class HandoverEntryInfo(Report):
     domain: int | None
     #: the domain it was restored as, in the next boot
     restored_domain: int | None
+    #: 'domain' or 'device'
+    kind: str = "domain"
     state: str
     frames: int
     unclaimed_frames: int
@@ -97,3 +99,30 @@ class HandoverReport(Report):
     outgoing: list[HandoverEntryInfo]
     #: frames the previous boot preserved that this boot has not re-claimed
     leaked_frames: int
+
+
+class DeviceInfo(Report):
+    bdf: str
+    owner: str | None
+    domain: int | None
+    did: int | None
+    #: detached, attached, preserved, or preserved (previous boot)
+    attachment: str
+    domain_state: str | None
+
+
+class SessionInfo(Report):
+    name: str
+    boot: int
+    state: str
+    objects: int
+    retrieved_in_boot: int | None = None
+
+
+class FinishReport(Report):
+    session: str
+    domains_reclaimed: list[HexInt]
+    devices_reattached: list[str]
+    #: tokens of domains never restored: their frames stay reserved until the next boot
+    never_reclaimed: list[HexInt]
+    frames_never_reclaimed: int

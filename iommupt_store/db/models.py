@@ -196,5 +196,60 @@ class HandoverEntry(Base):
     restored_boot_id: Mapped[int | None] = mapped_column(ForeignKey("boot.id"))
     restored_domain_id: Mapped[int | None] = mapped_column(ForeignKey("domain.id"))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: the LUO session holding the object (NULL: held by the boot's handover directly)
+    session_id: Mapped[int | None] = mapped_column(ForeignKey("luo_session.id"), index=True)
+    #: what the entry describes: 'domain' or 'device'
+    kind: Mapped[str] = mapped_column(String(16), default="domain", server_default="domain")
+    #: for a device entry: the device
+    device_id: Mapped[int | None] = mapped_column(ForeignKey("device.id"))
 
     __table_args__ = (UniqueConstraint("boot_id", "token", name="uq_handover_entry_boot_token"),)
+
+
+class LuoSession(Base):
+    """A LUO session: a named container of preserved objects, found by name in the next boot.
+
+    States: ``open`` (outgoing, mutable), ``sealed`` (handed over by a live update),
+    ``retrieved`` and ``finished`` (in the next boot), ``discarded`` (never retrieved in time).
+    """
+
+    __tablename__ = "luo_session"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    machine_id: Mapped[int] = mapped_column(ForeignKey("machine.id", ondelete="CASCADE"), index=True)
+    #: the boot that created (and hands over) the session
+    boot_id: Mapped[int] = mapped_column(ForeignKey("boot.id"), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    state: Mapped[str] = mapped_column(String(16), default="open")
+    retrieved_boot_id: Mapped[int | None] = mapped_column(ForeignKey("boot.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("boot_id", "name", name="uq_luo_session_boot_name"),
+        CheckConstraint("state IN ('open', 'sealed', 'retrieved', 'finished', 'discarded')", name="state_known"),
+    )
+
+
+class Device(Base):
+    """A PCI device and its current attachment: the domain its DMA goes through, with a domain id."""
+
+    __tablename__ = "device"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    machine_id: Mapped[int] = mapped_column(ForeignKey("machine.id", ondelete="CASCADE"), index=True)
+    #: PCI segment:bus:device.function, e.g. 0000:3b:00.1
+    bdf: Mapped[str] = mapped_column(String(12))
+    #: the DMA owner (e.g. the VFIO/iommufd user) that may attach or replace
+    owner: Mapped[str | None] = mapped_column(String(64))
+    domain_id: Mapped[int | None] = mapped_column(ForeignKey("domain.id"))
+    #: hardware domain id of the attachment (VT-d DID)
+    did: Mapped[int | None] = mapped_column(Integer)
+    #: the boot that made the current attachment
+    boot_id: Mapped[int | None] = mapped_column(ForeignKey("boot.id"))
+
+    __table_args__ = (
+        UniqueConstraint("machine_id", "bdf", name="uq_device_machine_bdf"),
+        CheckConstraint("(domain_id IS NULL) = (did IS NULL)", name="attached_has_did"),
+        CheckConstraint("did IS NULL OR (did >= 1 AND did <= 65535)", name="did_range"),
+    )

@@ -22,6 +22,8 @@ from ..memory import PAGE_SHIFT
 from ..reports import HandoverEntryInfo, HandoverReport, SealReport
 from . import kho
 from .iommu import incoming_entries, owner_tag
+from .sessions import on_boot_start as on_session_boot_start
+from .sessions import seal_sessions
 
 
 class SealRefused(BadData):
@@ -36,7 +38,9 @@ def check_preserved(tx: Transaction) -> tuple[int, int]:
     """
     h = HandoverEntry
     entries = tx.conn.execute(
-        select(h.token, h.descriptor, h.domain_id).where(h.boot_id == tx.machine.boot_id).order_by(h.token)
+        select(h.token, h.descriptor, h.domain_id)
+        .where(h.boot_id == tx.machine.boot_id, h.kind == "domain")
+        .order_by(h.token)
     ).all()
     frames = 0
     for token, raw_desc, domain_id in entries:
@@ -73,6 +77,7 @@ def liveupdate(machine: Machine) -> SealReport:
     """Seal the handover and end the boot (the kexec). A failed check changes nothing."""
     with machine.transaction() as tx:
         domains, frames = check_preserved(tx)
+        seal_sessions(tx)
         pages = tx.conn.execute(
             select(func.count()).select_from(Preservation).where(Preservation.boot_id == machine.boot_id)
         ).scalar_one()
@@ -83,9 +88,10 @@ def liveupdate(machine: Machine) -> SealReport:
 
 def _on_boot_start(tx: Transaction, prev_number: int, end_kind: str) -> None:
     """Boot N+1 after a live update: what boot N did not preserve is free memory."""
+    prev_id, _, _ = kho.previous_boot(tx)
+    on_session_boot_start(tx, end_kind, prev_id)
     if end_kind != "liveupdate":
-        return  # a cold reboot freed everything when it happened
-    prev_id = kho.incoming_boot_id(tx)
+        return  # a cold reboot freed all memory when it happened
     mid = tx.machine.id
     kept = select(Preservation.pfn).where(Preservation.machine_id == mid, Preservation.boot_id == prev_id)
     tx.conn.execute(delete(Page).where(Page.machine_id == mid, Page.pfn.not_in(kept)))
@@ -112,7 +118,11 @@ def handover_report(tx: Transaction) -> HandoverReport:
     except Exception:
         prev = None
     for e in incoming_entries(tx):
-        frames = kho.preserved_by(tx, owner_tag(e.domain_id), prev) if e.domain_id is not None and prev else {}
+        frames = (
+            kho.preserved_by(tx, owner_tag(e.domain_id), prev)
+            if e.kind == "domain" and e.domain_id is not None and prev
+            else {}
+        )
         unclaimed = sum(1 for r in frames.values() if r.restored_boot_id is None)
         leaked_frames += unclaimed
         incoming.append(
@@ -122,19 +132,22 @@ def handover_report(tx: Transaction) -> HandoverReport:
                 descriptor=e.descriptor,
                 domain=e.domain_id,
                 restored_domain=e.restored_domain_id,
-                state="restored" if e.restored_boot_id is not None else "restorable",
+                kind=e.kind,
+                state=("restored" if e.kind == "domain" else "re-attached")
+                if e.restored_boot_id is not None
+                else "restorable",
                 frames=len(frames),
                 unclaimed_frames=unclaimed,
             )
         )
     h = HandoverEntry
     outgoing = []
-    for token, compatible, desc, domain_id in tx.conn.execute(
-        select(h.token, h.compatible, h.descriptor, h.domain_id)
+    for token, compatible, desc, domain_id, kind in tx.conn.execute(
+        select(h.token, h.compatible, h.descriptor, h.domain_id, h.kind)
         .where(h.boot_id == tx.machine.boot_id)
         .order_by(h.token)
     ):
-        frames = kho.preserved_by(tx, owner_tag(domain_id)) if domain_id is not None else {}
+        frames = kho.preserved_by(tx, owner_tag(domain_id)) if kind == "domain" and domain_id is not None else {}
         outgoing.append(
             HandoverEntryInfo(
                 token=token,
@@ -142,6 +155,7 @@ def handover_report(tx: Transaction) -> HandoverReport:
                 descriptor=desc,
                 domain=domain_id,
                 restored_domain=None,
+                kind=kind,
                 state="preserved",
                 frames=len(frames),
                 unclaimed_frames=0,

@@ -27,7 +27,7 @@ from ..db.models import Domain as DomainRow
 from ..db.models import HandoverEntry
 from ..descriptors import DOMAIN_COMPATIBLE, DomainDescriptorV1, dump_descriptor, parse_domain_descriptor
 from ..domains import Domain, domain_alloc, get_domain
-from ..errors import AlreadyExists, BadData, InvalidArgument, NotFound, NotPermitted
+from ..errors import AlreadyExists, BadData, Busy, InvalidArgument, NotFound, NotPermitted
 from ..formats import get_format
 from ..formats.base import ITEMS_PER_TABLE, EntryType, Feature, item_lg2sz
 from ..machine import Transaction
@@ -51,6 +51,8 @@ class IncomingEntry:
     domain_id: int | None
     restored_boot_id: int | None
     restored_domain_id: int | None
+    session_id: int | None
+    kind: str
 
 
 # -- preserve / unpreserve (boot N) --------------------------------------------------------
@@ -106,6 +108,13 @@ def unpreserve_domain(tx: Transaction, token: int) -> int:
     ).first()
     if row is None or row.domain_id is None:
         raise NotFound(f"no domain is preserved under token {token:#x} in this boot")
+    users = tx.conn.execute(
+        select(HandoverEntry.descriptor).where(
+            HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.kind == "device"
+        )
+    ).scalars()
+    if any(int(str(d.get("domain_token", "0x0")), 16) == token for d in users):
+        raise Busy(f"a preserved device uses the domain under token {token:#x}: close its session instead")
     dom = get_domain(tx, row.domain_id)
     tables = dom.pt.collect_tables()
     kho.unpreserve_pages(tx, [(phys >> PAGE_SHIFT, 0) for phys in tables], owner_tag(dom.id))
@@ -129,7 +138,17 @@ def incoming_entries(tx: Transaction) -> list[IncomingEntry]:
         return []
     h = HandoverEntry
     rows = tx.conn.execute(
-        select(h.id, h.token, h.compatible, h.descriptor, h.domain_id, h.restored_boot_id, h.restored_domain_id)
+        select(
+            h.id,
+            h.token,
+            h.compatible,
+            h.descriptor,
+            h.domain_id,
+            h.restored_boot_id,
+            h.restored_domain_id,
+            h.session_id,
+            h.kind,
+        )
         .where(h.machine_id == tx.machine.id, h.boot_id == prev)
         .order_by(h.token)
     )
@@ -236,7 +255,13 @@ def _check_against_old_domain(tx: Transaction, desc: DomainDescriptorV1, domain_
 
 def restore_domain(tx: Transaction, token: int) -> Domain:
     """Restore the domain the previous boot preserved under ``token``: all or nothing."""
+    from .sessions import reattach_devices, require_retrieved
+
     entry = _find_incoming(tx, token)
+    if entry.kind != "domain":
+        raise InvalidArgument(f"token {token:#x} names a preserved {entry.kind}, not a domain")
+    if entry.session_id is not None:
+        require_retrieved(tx, entry.session_id)
     if entry.restored_boot_id is not None:
         raise AlreadyExists(f"token {token:#x} has already been restored (as domain {entry.restored_domain_id})")
     if entry.compatible != DOMAIN_COMPATIBLE:
@@ -279,4 +304,6 @@ def restore_domain(tx: Transaction, token: int) -> Domain:
         .where(HandoverEntry.id == entry.id)
         .values(restored_boot_id=tx.machine.boot_id, restored_domain_id=dom.id)
     )
+    if entry.session_id is not None:
+        reattach_devices(tx, entry.session_id, token, dom.id)
     return dom

@@ -1,0 +1,325 @@
+"""LUO sessions and preserved devices.
+
+A session is a named container (name up to 63 bytes) of preserved objects,
+held by token: domains and the devices that DMA through them. Closing an
+outgoing session before the seal unpreserves everything in it. In the next
+boot a session is retrieved by name, once; its domains are restored (which
+re-attaches their preserved devices with the preserved domain ids), devices may
+then be moved to new domains ("replace"), and ``finish`` completes it: every
+object is asked first whether it can finish (all or nothing, EBUSY otherwise),
+then the report lists what was never reclaimed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+
+from ..crash import crashpoint
+from ..db.models import Boot, Device, HandoverEntry, LuoSession
+from ..descriptors import DEVICE_COMPATIBLE, DeviceDescriptorV1, dump_descriptor, parse_device_descriptor
+from ..devices import attached_devices, get_device, reattach_restored
+from ..errors import AlreadyExists, Busy, InvalidArgument, NotFound, NotPermitted
+from ..machine import Transaction
+from ..reports import FinishReport, SessionInfo
+from . import kho
+from .iommu import owner_tag, preserve_domain, unpreserve_domain
+
+MAX_NAME_BYTES = 63
+
+
+def _check_name(name: str) -> None:
+    size = len(name.encode())
+    if not 1 <= size <= MAX_NAME_BYTES or not name.isprintable():
+        raise InvalidArgument(f"session name {name!r} must be 1..{MAX_NAME_BYTES} bytes of printable text")
+
+
+def _outgoing(tx: Transaction, name: str) -> Any:
+    row = (
+        tx.conn.execute(
+            select(LuoSession.__table__).where(
+                LuoSession.machine_id == tx.machine.id,
+                LuoSession.boot_id == tx.machine.boot_id,
+                LuoSession.name == name,
+            )
+        )
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise NotFound(f"no session {name!r} in this boot")
+    return row
+
+
+def _incoming(tx: Transaction, name: str) -> Any:
+    prev = kho.incoming_boot_id(tx)
+    row = (
+        tx.conn.execute(
+            select(LuoSession.__table__).where(
+                LuoSession.machine_id == tx.machine.id, LuoSession.boot_id == prev, LuoSession.name == name
+            )
+        )
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise NotFound(f"the previous boot handed over no session {name!r}")
+    return row
+
+
+# -- boot N ---------------------------------------------------------------------------------------
+def create_session(tx: Transaction, name: str) -> None:
+    _check_name(name)
+    exists = tx.conn.execute(
+        select(LuoSession.id).where(
+            LuoSession.machine_id == tx.machine.id, LuoSession.boot_id == tx.machine.boot_id, LuoSession.name == name
+        )
+    ).first()
+    if exists is not None:
+        raise AlreadyExists(f"session {name!r} already exists in this boot")
+    tx.conn.execute(
+        insert(LuoSession).values(machine_id=tx.machine.id, boot_id=tx.machine.boot_id, name=name, state="open")
+    )
+
+
+def preserve_domain_in_session(tx: Transaction, name: str, domain_id: int, token: int) -> None:
+    session = _outgoing(tx, name)
+    if session["state"] != "open":
+        raise NotPermitted(f"session {name!r} is {session['state']}")
+    preserve_domain(tx, domain_id, token)
+    tx.conn.execute(
+        update(HandoverEntry)
+        .where(HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.token == token)
+        .values(session_id=session["id"])
+    )
+
+
+def preserve_device(tx: Transaction, name: str, bdf: str, token: int) -> DeviceDescriptorV1:
+    """Preserve a device's attachment in a session; its domain must be preserved in the same session."""
+    session = _outgoing(tx, name)
+    if session["state"] != "open":
+        raise NotPermitted(f"session {name!r} is {session['state']}")
+    dev = get_device(tx, bdf)
+    if dev["domain_id"] is None or dev["boot_id"] != tx.machine.boot_id:
+        raise InvalidArgument(f"device {dev['bdf']} is not attached to a domain of this boot")
+    h = HandoverEntry
+    dom_entry = tx.conn.execute(
+        select(h.token, h.session_id).where(
+            h.boot_id == tx.machine.boot_id, h.kind == "domain", h.domain_id == dev["domain_id"]
+        )
+    ).first()
+    if dom_entry is None or dom_entry.session_id != session["id"]:
+        raise InvalidArgument(
+            f"device {dev['bdf']}'s domain {dev['domain_id']} is not preserved in session {name!r}: preserve it first"
+        )
+    if tx.conn.execute(select(h.id).where(h.boot_id == tx.machine.boot_id, h.device_id == dev["id"])).first():
+        raise AlreadyExists(f"device {dev['bdf']} is already preserved")
+    if tx.conn.execute(select(h.id).where(h.boot_id == tx.machine.boot_id, h.token == token)).first():
+        raise AlreadyExists(f"token {token:#x} is already used in this boot's handover")
+    seg, bus, devfn = dev["bdf"][:4], dev["bdf"][5:7], dev["bdf"][8:]
+    desc = DeviceDescriptorV1(
+        segment=int(seg, 16),
+        bus=int(bus, 16),
+        devfn=(int(devfn[:2], 16) << 3) | int(devfn[3]),
+        did=dev["did"],
+        domain_token=dom_entry.token,
+        owner=dev["owner"] or "",
+    )
+    tx.conn.execute(
+        insert(HandoverEntry).values(
+            machine_id=tx.machine.id,
+            boot_id=tx.machine.boot_id,
+            token=token,
+            compatible=DEVICE_COMPATIBLE,
+            descriptor=dump_descriptor(desc),
+            kind="device",
+            device_id=dev["id"],
+            session_id=session["id"],
+        )
+    )
+    return desc
+
+
+def close_session(tx: Transaction, name: str) -> int:
+    """Close an outgoing session before the seal: everything in it is unpreserved."""
+    session = _outgoing(tx, name)
+    if session["state"] != "open":
+        raise NotPermitted(f"session {name!r} is {session['state']} and can no longer be closed")
+    h = HandoverEntry
+    entries = tx.conn.execute(
+        select(h.id, h.token, h.kind).where(h.session_id == session["id"]).order_by(h.kind.desc(), h.token)
+    ).all()
+    for entry_id, token, kind in entries:  # devices first, then their domains
+        if kind == "device":
+            tx.conn.execute(delete(h).where(h.id == entry_id))
+        else:
+            unpreserve_domain(tx, token)
+    crashpoint("session_close")
+    tx.conn.execute(delete(LuoSession).where(LuoSession.id == session["id"]))
+    return len(entries)
+
+
+def seal_sessions(tx: Transaction) -> None:
+    """At the seal: every open session is frozen and handed over; device attachments must be intact."""
+    h = HandoverEntry
+    for token, desc_raw, device_id in tx.conn.execute(
+        select(h.token, h.descriptor, h.device_id).where(h.boot_id == tx.machine.boot_id, h.kind == "device")
+    ):
+        desc = parse_device_descriptor(desc_raw, f"descriptor of token {token:#x}")
+        dev = tx.conn.execute(select(Device.domain_id, Device.did).where(Device.id == device_id)).first()
+        dom_entry = tx.conn.execute(
+            select(h.domain_id).where(h.boot_id == tx.machine.boot_id, h.token == desc.domain_token)
+        ).first()
+        if dev is None or dom_entry is None or (dev.domain_id, dev.did) != (dom_entry.domain_id, desc.did):
+            from .boots import SealRefused
+
+            raise SealRefused(f"token {token:#x}: the preserved device attachment changed")
+    tx.conn.execute(
+        update(LuoSession)
+        .where(LuoSession.boot_id == tx.machine.boot_id, LuoSession.state == "open")
+        .values(state="sealed")
+    )
+
+
+# -- boot N+1 -----------------------------------------------------------------------------------
+def retrieve_session(tx: Transaction, name: str) -> SessionInfo:
+    session = _incoming(tx, name)
+    if session["state"] != "sealed":
+        raise InvalidArgument(f"session {name!r} has already been retrieved ({session['state']})")
+    tx.conn.execute(
+        update(LuoSession)
+        .where(LuoSession.id == session["id"])
+        .values(state="retrieved", retrieved_boot_id=tx.machine.boot_id)
+    )
+    crashpoint("session_retrieve")
+    return session_info(tx, session["id"])
+
+
+def require_retrieved(tx: Transaction, session_id: int) -> None:
+    """Objects of a session can be restored only once the session was retrieved in this boot."""
+    row = tx.conn.execute(
+        select(LuoSession.name, LuoSession.state, LuoSession.retrieved_boot_id).where(LuoSession.id == session_id)
+    ).one()
+    if row.state != "retrieved" or row.retrieved_boot_id != tx.machine.boot_id:
+        raise NotPermitted(f"session {row.name!r} is {row.state}: retrieve it before restoring its objects")
+
+
+def reattach_devices(tx: Transaction, session_id: int, domain_token: int, domain_id: int) -> list[str]:
+    """After a domain's restore: its preserved devices now go through the restored domain."""
+    h = HandoverEntry
+    done = []
+    for entry_id, desc_raw, device_id in tx.conn.execute(
+        select(h.id, h.descriptor, h.device_id).where(h.session_id == session_id, h.kind == "device")
+    ).all():
+        desc = parse_device_descriptor(desc_raw, "device descriptor")
+        if desc.domain_token != domain_token or device_id is None:
+            continue
+        reattach_restored(tx, device_id, domain_id)
+        tx.conn.execute(update(h).where(h.id == entry_id).values(restored_boot_id=tx.machine.boot_id))
+        done.append(desc.bdf)
+    return done
+
+
+def finish_session(tx: Transaction, name: str) -> FinishReport:
+    """Complete a retrieved session: all objects must be able to finish, else EBUSY and nothing changes."""
+    session = _incoming(tx, name)
+    if session["state"] == "sealed":
+        raise InvalidArgument(f"session {name!r} has not been retrieved")
+    if session["state"] != "retrieved":
+        raise InvalidArgument(f"session {name!r} is already {session['state']}")
+    h = HandoverEntry
+    entries = tx.conn.execute(
+        select(h.token, h.kind, h.domain_id, h.device_id, h.restored_domain_id).where(h.session_id == session["id"])
+    ).all()
+    blocked = []
+    for _token, kind, _domain_id, device_id, _restored in entries:
+        if kind != "device":
+            continue  # a domain can always finish: restored, or reported as never reclaimed
+        dev = tx.conn.execute(select(Device.bdf, Device.boot_id, Device.domain_id).where(Device.id == device_id)).one()
+        if dev.domain_id is not None and dev.boot_id != tx.machine.boot_id:
+            blocked.append(dev.bdf)
+    if blocked:
+        raise Busy(
+            f"session {name!r} cannot finish: device(s) {', '.join(blocked)} still DMA through the preserved "
+            "tables (restore their domains first)"
+        )
+    reclaimed, never, devices, frames = [], [], [], 0
+    prev = session["boot_id"]
+    for token, kind, domain_id, device_id, restored in entries:
+        if kind == "device":
+            devices.append(tx.conn.execute(select(Device.bdf).where(Device.id == device_id)).scalar_one())
+        elif restored is not None:
+            reclaimed.append(token)
+        else:
+            never.append(token)
+            if domain_id is not None:
+                frames += len(kho.preserved_by(tx, owner_tag(domain_id), prev))
+    crashpoint("session_finish")
+    tx.conn.execute(
+        update(LuoSession)
+        .where(LuoSession.id == session["id"])
+        .values(state="finished", finished_at=dt.datetime.now(dt.UTC))
+    )
+    return FinishReport(
+        session=name,
+        domains_reclaimed=sorted(reclaimed),
+        devices_reattached=sorted(devices),
+        never_reclaimed=sorted(never),
+        frames_never_reclaimed=frames,
+    )
+
+
+def session_info(tx: Transaction, session_id: int) -> SessionInfo:
+    row = tx.conn.execute(
+        select(LuoSession.name, LuoSession.state, Boot.number, LuoSession.retrieved_boot_id)
+        .join(Boot, Boot.id == LuoSession.boot_id)
+        .where(LuoSession.id == session_id)
+    ).one()
+    objects = len(tx.conn.execute(select(HandoverEntry.id).where(HandoverEntry.session_id == session_id)).all())
+    retrieved = None
+    if row.retrieved_boot_id is not None:
+        retrieved = tx.conn.execute(select(Boot.number).where(Boot.id == row.retrieved_boot_id)).scalar_one()
+    return SessionInfo(name=row.name, boot=row.number, state=row.state, objects=objects, retrieved_in_boot=retrieved)
+
+
+def list_sessions(tx: Transaction) -> list[SessionInfo]:
+    ids = tx.conn.execute(
+        select(LuoSession.id).where(LuoSession.machine_id == tx.machine.id).order_by(LuoSession.id)
+    ).scalars()
+    return [session_info(tx, i) for i in ids]
+
+
+def on_boot_start(tx: Transaction, end_kind: str, prev_id: int) -> None:
+    """Sessions older than the previous boot are gone; devices not handed over are detached."""
+    mid = tx.machine.id
+    keep_sessions = [prev_id] if end_kind == "liveupdate" else []
+    tx.conn.execute(
+        update(LuoSession)
+        .where(
+            LuoSession.machine_id == mid,
+            LuoSession.state.in_(("open", "sealed", "retrieved")),
+            LuoSession.boot_id.not_in(keep_sessions),
+        )
+        .values(state="discarded")
+    )
+    preserved_devices = select(HandoverEntry.device_id).where(
+        HandoverEntry.boot_id == prev_id, HandoverEntry.device_id.is_not(None)
+    )
+    q = update(Device).where(Device.machine_id == mid)
+    if end_kind == "liveupdate":
+        q = q.where(Device.id.not_in(preserved_devices))
+    tx.conn.execute(q.values(domain_id=None, did=None, boot_id=None))
+
+
+__all__ = [
+    "attached_devices",
+    "close_session",
+    "create_session",
+    "finish_session",
+    "list_sessions",
+    "preserve_device",
+    "preserve_domain_in_session",
+    "retrieve_session",
+]
