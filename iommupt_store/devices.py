@@ -160,6 +160,18 @@ def replace(tx: Transaction, bdf: str, domain_id: int, *, owner: str | None) -> 
     return None
 
 
+def detach(tx: Transaction, bdf: str, *, owner: str | None) -> None:
+    """Detach the device (its DMA is blocked); only its owner may, and not while preserved."""
+    row = get_device(tx, bdf)
+    if row["owner"] and owner != row["owner"]:
+        raise NotPermitted(f"device {row['bdf']} is owned by {row['owner']!r}, not {owner!r}")
+    if preserved_in_this_boot(tx, row["id"]):
+        raise Busy(f"device {row['bdf']} is preserved for a live update: its attachment cannot change")
+    if row["domain_id"] is not None and row["boot_id"] != tx.machine.boot_id:
+        raise Busy(f"device {row['bdf']} still DMAs through its preserved attachment: restore its domain first")
+    tx.conn.execute(update(Device).where(Device.id == row["id"]).values(domain_id=None, did=None, boot_id=None))
+
+
 def reattach_restored(tx: Transaction, device_id: int, domain_id: int) -> None:
     """Point a preserved device at its restored domain, keeping the preserved DID."""
     tx.conn.execute(

@@ -16,6 +16,7 @@ from .common import Context, Group, fail
 from .db_cmds import db, init, status
 from .domain_cmds import COMMANDS as DOMAIN_COMMANDS
 from .liveupdate_cmds import COMMANDS as LIVEUPDATE_COMMANDS
+from .session_cmds import COMMANDS as SESSION_COMMANDS
 
 EPILOG = f"""\b
 Exit codes:
@@ -67,7 +68,7 @@ def cli(ctx: click.Context, db: str | None, machine: str) -> None:
 cli.add_command(init)
 cli.add_command(status)
 cli.add_command(db)
-for _cmd in DOMAIN_COMMANDS + LIVEUPDATE_COMMANDS:
+for _cmd in DOMAIN_COMMANDS + LIVEUPDATE_COMMANDS + SESSION_COMMANDS:
     cli.add_command(_cmd)
 
 

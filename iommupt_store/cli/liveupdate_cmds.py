@@ -8,15 +8,17 @@ import click
 from rich.table import Table
 
 from ..liveupdate import handover_report, liveupdate, preserve_domain, restore_domain, unpreserve_domain
+from ..liveupdate.sessions import preserve_domain_in_session
 from .common import INT, Context, emit_json, err_console, json_option, out_console, pass_ctx
 
 
 @click.command()
 @click.argument("domain_id", type=int)
 @click.option("--token", type=INT, required=True, help="The u64 the next boot will restore it by.")
+@click.option("--session", "session_name", help="Hold it in this LUO session (see 'session create').")
 @json_option
 @pass_ctx
-def preserve(ctx: Context, domain_id: int, token: int, as_json: bool) -> None:
+def preserve(ctx: Context, domain_id: int, token: int, session_name: str | None, as_json: bool) -> None:
     """Preserve DOMAIN_ID's page tables for a live update, under TOKEN.
 
     Every table reachable from the top is recorded as handed over, and the
@@ -28,7 +30,10 @@ def preserve(ctx: Context, domain_id: int, token: int, as_json: bool) -> None:
       iommupt-store preserve 1 --token 0x100 --json
     """
     with ctx.machine().transaction() as tx:
-        desc = preserve_domain(tx, domain_id, token)
+        if session_name is None:
+            desc = preserve_domain(tx, domain_id, token)
+        else:
+            desc = preserve_domain_in_session(tx, session_name, domain_id, token)
     if as_json:
         emit_json({"domain": domain_id, "token": f"{token:#x}", "descriptor": desc.model_dump(mode="json")})
     else:

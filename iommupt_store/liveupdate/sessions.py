@@ -19,7 +19,13 @@ from sqlalchemy import delete, insert, select, update
 
 from ..crash import crashpoint
 from ..db.models import Boot, Device, HandoverEntry, LuoSession
-from ..descriptors import DEVICE_COMPATIBLE, DeviceDescriptorV1, dump_descriptor, parse_device_descriptor
+from ..descriptors import (
+    DEVICE_COMPATIBLE,
+    DeviceDescriptorV1,
+    DomainDescriptorV1,
+    dump_descriptor,
+    parse_device_descriptor,
+)
 from ..devices import attached_devices, get_device, reattach_restored
 from ..errors import AlreadyExists, Busy, InvalidArgument, NotFound, NotPermitted
 from ..machine import Transaction
@@ -84,16 +90,17 @@ def create_session(tx: Transaction, name: str) -> None:
     )
 
 
-def preserve_domain_in_session(tx: Transaction, name: str, domain_id: int, token: int) -> None:
+def preserve_domain_in_session(tx: Transaction, name: str, domain_id: int, token: int) -> DomainDescriptorV1:
     session = _outgoing(tx, name)
     if session["state"] != "open":
         raise NotPermitted(f"session {name!r} is {session['state']}")
-    preserve_domain(tx, domain_id, token)
+    desc = preserve_domain(tx, domain_id, token)
     tx.conn.execute(
         update(HandoverEntry)
         .where(HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.token == token)
         .values(session_id=session["id"])
     )
+    return desc
 
 
 def preserve_device(tx: Transaction, name: str, bdf: str, token: int) -> DeviceDescriptorV1:
