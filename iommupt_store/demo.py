@@ -26,17 +26,27 @@ from typing import Any
 
 from sqlalchemy import delete, select
 
-from .db.models import Boot, Domain, HandoverEntry, Page, Preservation
+from .db.models import Boot, Device, Domain, HandoverEntry, LuoSession, Page, Preservation
 from .db.models import Machine as MachineRow
+from .devices import attach, detach, dma_walker, replace
 from .domains import domain_alloc, frame_counts, get_domain, hardware_walker
 from .errors import IommuptError
-from .liveupdate import handover_report, liveupdate, preserve_domain, restore_domain
+from .liveupdate import handover_report, liveupdate, restore_domain
+from .liveupdate.sessions import (
+    create_session,
+    finish_session,
+    preserve_device,
+    preserve_domain_in_session,
+    retrieve_session,
+)
 from .pagetable.walker import HardwareWalker
 from .reports import Report
 from .store import Store
 
 DEMO_MACHINE = "demo"
 MEM_BYTES = 64 << 30
+SESSION = "demo-vmm"
+OWNER = "vfio-demo"
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,9 @@ class DemoSummary(Report):
     frames_leaked: int
     frames_left_after_free: int
     translations_checked: int
+    session: str
+    devices_preserved: int
+    devices_reattached: int
     seconds: dict[str, float]
     ok: bool
 
@@ -127,7 +140,7 @@ def reset_machine(store: Store, name: str) -> None:
     with store.writer.begin() as conn:
         mid = conn.execute(select(MachineRow.id).where(MachineRow.name == name)).scalar()
         if mid is not None:
-            for table in (HandoverEntry, Preservation, Page, Domain, Boot):
+            for table in (HandoverEntry, Device, LuoSession, Preservation, Page, Domain, Boot):
                 conn.execute(delete(table).where(table.machine_id == mid))
             conn.execute(delete(MachineRow).where(MachineRow.id == mid))
     store.create_machine(name, MEM_BYTES)
@@ -141,18 +154,22 @@ def build_and_preserve(db: str, machine_name: str, snapshot: Path) -> PhaseResul
     snap: dict[str, Any] = {}
     frames = checked = 0
     with machine.transaction() as tx:
+        create_session(tx, SESSION)
         for i, plan in enumerate(PLAN):
             dom = domain_alloc(tx, plan.format, **plan.options)
             for iova, pa, length in plan.maps:
                 dom.map_range(iova, pa, length)
             token = 0x1000 + i
-            preserve_domain(tx, dom.id, token)
+            bdf = f"0000:{i + 1:02x}:00.0"
+            attach(tx, bdf, dom.id, owner=OWNER)
+            preserve_domain_in_session(tx, SESSION, dom.id, token)
+            preserve_device(tx, SESSION, bdf, 0x2000 + i)
             w = hardware_walker(tx, dom.id)
             leaves = _leaves(w)
             checked += _check(w, leaves, f"{plan.label}, before the seal")
             n = frame_counts(tx)[dom.id]
             frames += n
-            snap[str(token)] = {"label": plan.label, "domain": dom.id, "frames": n, "leaves": leaves}
+            snap[str(token)] = {"label": plan.label, "domain": dom.id, "frames": n, "leaves": leaves, "bdf": bdf}
     boot = machine.boot_number
     report = liveupdate(machine)
     snapshot.write_text(json.dumps(snap))
@@ -163,7 +180,7 @@ def build_and_preserve(db: str, machine_name: str, snapshot: Path) -> PhaseResul
         domains=report.domains,
         frames=report.frames,
         translations_checked=checked,
-        details={"domains": {k: v["label"] for k, v in snap.items()}},
+        details={"domains": {k: v["label"] for k, v in snap.items()}, "session": SESSION, "devices": len(snap)},
     )
 
 
@@ -176,17 +193,22 @@ def restore_and_verify(db: str, machine_name: str, snapshot: Path) -> PhaseResul
     checked = reclaimed = 0
     with machine.transaction() as tx:
         for entry in snap.values():
-            # DMA never stopped: the old tables still translate before anything is restored
-            checked += _check(
-                hardware_walker(tx, entry["domain"]), entry["leaves"], f"{entry['label']}, before restore"
-            )
+            # DMA never stopped: each device still translates through the preserved tables
+            checked += _check(dma_walker(tx, entry["bdf"]), entry["leaves"], f"{entry['label']}, before restore")
+        retrieve_session(tx, SESSION)
         for token, entry in snap.items():
-            dom = restore_domain(tx, int(token))
-            checked += _check(hardware_walker(tx, dom.id), entry["leaves"], f"{entry['label']}, after restore")
+            dom = restore_domain(tx, int(token))  # re-attaches the device, with its preserved domain id
+            checked += _check(dma_walker(tx, entry["bdf"]), entry["leaves"], f"{entry['label']}, after restore")
             entry["restored"] = dom.id
+            reclaimed += len(dom.pt.collect_tables())
         leaked = handover_report(tx).leaked_frames
         for entry in snap.values():
-            reclaimed += get_domain(tx, entry["restored"]).free()
+            # the VMM moves each device to a new domain; the restored one is freed on the way
+            new = domain_alloc(tx, get_domain(tx, entry["restored"]).format)
+            replace(tx, entry["bdf"], new.id, owner=OWNER)
+            detach(tx, entry["bdf"], owner=OWNER)
+            new.free()
+        finish = finish_session(tx, SESSION)
         left = sum(frame_counts(tx).values())
     return PhaseResult(
         phase="restore+verify+free",
@@ -195,7 +217,13 @@ def restore_and_verify(db: str, machine_name: str, snapshot: Path) -> PhaseResul
         domains=len(snap),
         frames=reclaimed,
         translations_checked=checked,
-        details={"leaked_frames": leaked, "frames_left_after_free": left},
+        details={
+            "leaked_frames": leaked,
+            "frames_left_after_free": left,
+            "session": finish.session,
+            "devices_reattached": len(finish.devices_reattached),
+            "never_reclaimed": len(finish.never_reclaimed),
+        },
     )
 
 
@@ -249,12 +277,18 @@ def run_demo(db: str | None, machine: str = DEMO_MACHINE) -> tuple[DemoSummary, 
         frames_leaked=int(b.details["leaked_frames"]),
         frames_left_after_free=int(b.details["frames_left_after_free"]),
         translations_checked=a.translations_checked + b.translations_checked,
+        session=SESSION,
+        devices_preserved=int(a.details["devices"]),
+        devices_reattached=int(b.details["devices_reattached"]),
         seconds={
             "build_preserve_seal": round(a.seconds, 3),
             "restore_verify_free": round(b.seconds, 3),
             "total": round(total, 3),
         },
-        ok=a.frames == b.frames and b.details["frames_left_after_free"] == 0 and b.details["leaked_frames"] == 0,
+        ok=a.frames == b.frames
+        and b.details["frames_left_after_free"] == 0
+        and b.details["leaked_frames"] == 0
+        and b.details["devices_reattached"] == a.details["devices"],
     )
     return summary, [a, b]
 

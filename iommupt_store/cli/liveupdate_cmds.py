@@ -165,9 +165,13 @@ def demo(ctx: Context, machine_name: str, as_json: bool) -> None:
     Process A builds a domain of every format (x86_64 4- and 5-level, amdv1
     with a grown dynamic top, vtdss DMA-incoherent, riscv Sv39+Svnapot and
     Sv48), maps a mix of page sizes, preserves them all and seals the boot.
-    Process B starts the next boot, checks that the hardware walker still
-    translates every preserved domain exactly as before (DMA never stopped),
-    restores each one, checks again, frees them and checks nothing leaked.
+    Each domain has a device attached, and domains and devices are preserved
+    in one LUO session. Process B starts the next boot, checks that every
+    device still translates exactly as before through the preserved tables
+    (DMA never stopped), retrieves the session, restores each domain (which
+    re-attaches its device with its preserved domain id), checks again, moves
+    each device to a new domain (the restored one is freed), finishes the
+    session and checks that no frame is left.
 
     \b
     The database is ./iommupt.db unless --db says otherwise; the machine
@@ -196,6 +200,8 @@ def demo(ctx: Context, machine_name: str, as_json: bool) -> None:
             f"frames preserved {summary.frames_preserved}, re-claimed {summary.frames_reclaimed}, "
             f"leaked {summary.frames_leaked}, left after free {summary.frames_left_after_free}; "
             f"{summary.translations_checked} translations checked; total {summary.seconds['total']:.2f} s\n"
+            f"session {summary.session!r}: {summary.devices_preserved} device(s) preserved, "
+            f"{summary.devices_reattached} re-attached to their restored domains, then replaced and finished\n"
             + ("[bold green]OK[/]: every translation survived the live update" if summary.ok else "[bold red]FAILED[/]")
         )
     if not summary.ok:
