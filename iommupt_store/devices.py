@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import and_, insert, select, update
 
+from .crash import crashpoint
 from .db.models import Device, HandoverEntry
 from .db.models import Domain as DomainRow
 from .domains import get_domain, hardware_walker
@@ -154,6 +155,7 @@ def replace(tx: Transaction, bdf: str, domain_id: int, *, owner: str | None) -> 
         raise NotPermitted(f"domain {domain_id} is {dom.state}: devices attach only to live domains of this boot")
     # attach while the restored domain's DID is still held, so the new domain gets another one
     attach(tx, bdf, domain_id, owner=owner)
+    crashpoint("device_replace")
     if _domain_did(tx, old_id) is None:
         old.free()
         return int(old_id)
