@@ -147,7 +147,14 @@ class Domain:
             top_phys=pt.top_phys if pt else None,
             top_level=pt.top_level if pt else row.top_level,
             max_vasz_lg2=pt.max_vasz_lg2 if pt else row.max_vasz_lg2,
-            range_vasz_lg2=pt.range_vasz() if pt else row.max_vasz_lg2,
+            range_vasz_lg2=pt.range_vasz()
+            if pt
+            else range_vasz(
+                get_format(self.format),
+                row.top_level,
+                row.max_vasz_lg2,
+                frozenset(Feature(f) for f in row.features if f in Feature.__members__),
+            ),
             max_oasz_lg2=pt.max_oasz_lg2 if pt else row.max_oasz_lg2,
             sign_extend=pt.sign_extend if pt else "SIGN_EXTEND" in row.features,
             features=sorted(f.value for f in pt.features) if pt else sorted(row.features),

@@ -184,12 +184,22 @@ class PageTable:
 
     # -- geometry ---------------------------------------------------------------
     @property
-    def sign_extend(self) -> bool:
-        return self.fmt.effective(Feature.SIGN_EXTEND, self.features)
+    def features(self) -> Features:
+        return self._features
 
-    @property
-    def dynamic_top(self) -> bool:
-        return self.fmt.effective(Feature.DYNAMIC_TOP, self.features)
+    @features.setter
+    def features(self, features: Features) -> None:
+        # derived once here: feature tests are on every map's path (restore trims features)
+        self._features = features
+        self.sign_extend = self.fmt.effective(Feature.SIGN_EXTEND, features)
+        self.dynamic_top = self.fmt.effective(Feature.DYNAMIC_TOP, features)
+        self._attrs: dict[int, int] = {}
+
+    def _leaf_attrs(self, prot: int) -> int:
+        attrs = self._attrs.get(prot)
+        if attrs is None:
+            attrs = self._attrs[prot] = self.fmt.leaf_attrs(prot, self._features)
+        return attrs
 
     def range_vasz(self, top_level: int | None = None) -> int:
         """VA width decoded by a top at ``top_level`` (``_pt_top_range``)."""
@@ -249,7 +259,7 @@ class PageTable:
             raise InvalidArgument(f"prot {prot:#x} has neither READ nor WRITE")
         if self.max_oasz_lg2 < 64 and paddr >> self.max_oasz_lg2:
             raise OutOfRange(f"paddr {paddr:#x} is above the {self.max_oasz_lg2}-bit output address limit")
-        attrs = self.fmt.leaf_attrs(prot, self.features)
+        attrs = self._leaf_attrs(prot)
         if length <= 0:
             raise InvalidArgument("length must be positive")
         last = iova + length - 1
