@@ -67,6 +67,8 @@ class AmdV1Format(PageTableFormat):
     )
     max_sw_bit: ClassVar[int | None] = None
     has_dirty: ClassVar[bool] = True
+    dirty_bit: ClassVar[int] = D
+    attr_mask: ClassVar[int] = ATTR_MASK
 
     # -- configuration -------------------------------------------------------
     def geometry(
@@ -162,19 +164,6 @@ class AmdV1Format(PageTableFormat):
         # NL is the AMD level of the child, i.e. the generic level of the
         # holder. IR/IW always set: HW ANDs permissions along the walk.
         return PR | (level << NL_SHIFT) | child_phys | IR | IW
-
-    def attrs_from_entry(self, raw: int, level: int) -> int:
-        return raw & ATTR_MASK
-
-    # -- dirty tracking (one item; the caller covers every item of an entry)
-    def is_dirty(self, raw: int) -> bool:
-        return bool(raw & D)
-
-    def make_clean(self, raw: int) -> int:
-        return raw & ~D & U64_MASK
-
-    def make_dirty(self, raw: int) -> int:
-        return raw | D
 
 
 AMDV1 = AmdV1Format()

@@ -17,6 +17,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
+from ..errors import InvalidArgument, NotSupported
+
 GRANULE_LG2 = 12
 TABLE_ITEMS_LG2 = 9
 ITEMS_PER_TABLE = 1 << TABLE_ITEMS_LG2
@@ -118,6 +120,10 @@ class PageTableFormat(ABC):
     max_sw_bit: ClassVar[int | None] = None
     #: True when the format has hardware dirty bits (amdv1, vtdss)
     has_dirty: ClassVar[bool] = False
+    #: the hardware dirty bit of a leaf (0 without dirty tracking)
+    dirty_bit: ClassVar[int] = 0
+    #: the descriptor bits ``attrs_from_entry`` keeps
+    attr_mask: ClassVar[int]
 
     # -- configuration -------------------------------------------------------
     @abstractmethod
@@ -139,8 +145,16 @@ class PageTableFormat(ABC):
 
     # -- geometry ------------------------------------------------------------
     @abstractmethod
-    def possible_sizes(self, level: int) -> int:
-        """Bitmap (bit n set = 2**n bytes) of leaf sizes installable at ``level``."""
+    def can_hold_leaf(self, level: int) -> bool:
+        """Whether an item at ``level`` may be a leaf."""
+
+    def possible_sizes(self, level: int, *, features: Features = frozenset()) -> int:
+        """Bitmap (bit n set = 2**n bytes) of leaf sizes installable at ``level``.
+
+        The default is one item, at the levels that hold leaves; formats with
+        contiguous entries add their sizes.
+        """
+        return 1 << item_lg2sz(level) if self.can_hold_leaf(level) else 0
 
     def can_hold_table(self, level: int) -> bool:
         """Whether an item at ``level`` may point to a lower table."""
@@ -166,9 +180,39 @@ class PageTableFormat(ABC):
     def encode_table(self, child_phys: int, level: int, features: Features) -> int:
         """The u64 of an item at ``level`` pointing to the table at ``child_phys``."""
 
-    @abstractmethod
     def attrs_from_entry(self, raw: int, level: int) -> int:
         """Recover the descriptor bits ``leaf_attrs`` produced (``attr_from_entry``)."""
+        return raw & self.attr_mask
+
+    # -- dirty tracking (one item; the caller covers every item of an entry) ---
+    def is_dirty(self, raw: int) -> bool:
+        return bool(raw & self.dirty_bit)
+
+    def make_clean(self, raw: int) -> int:
+        return raw & ~self.dirty_bit & U64_MASK
+
+    def make_dirty(self, raw: int) -> int:
+        return raw | self.dirty_bit
+
+    def radix_geometry(
+        self, levels: range, top_level: int | None, hw_max_vasz_lg2: int, hw_max_oasz_lg2: int
+    ) -> Geometry:
+        """``fmt_init`` of a format whose top level is a knob (x86_64, vtdss):
+        without one, the smallest top that decodes the VA; the VA must fit the top."""
+        if not 0 < hw_max_vasz_lg2 <= self.max_va_lg2 or hw_max_oasz_lg2 <= 0:
+            raise InvalidArgument(f"{self.name}: bad hw sizes va={hw_max_vasz_lg2} oa={hw_max_oasz_lg2}")
+        if top_level is None:
+            fits = [lvl for lvl in levels if hw_max_vasz_lg2 <= TABLE_ITEMS_LG2 + item_lg2sz(lvl)]
+            top_level = fits[0] if fits else levels[-1]
+        if top_level not in levels:
+            raise NotSupported(f"{self.name}: top_level must be {levels[0]}..{levels[-1]}, got {top_level}")
+        if hw_max_vasz_lg2 > TABLE_ITEMS_LG2 + item_lg2sz(top_level):
+            raise NotSupported(f"{self.name}: {hw_max_vasz_lg2}-bit VA does not fit top level {top_level}")
+        return Geometry(
+            top_level=top_level,
+            max_vasz_lg2=hw_max_vasz_lg2,
+            max_oasz_lg2=min(self.max_oa_lg2, hw_max_oasz_lg2),
+        )
 
     # -- helpers derived from the above ---------------------------------------
     def effective(self, feature: Feature, features: Features) -> bool:

@@ -69,6 +69,7 @@ class RiscvFormat(PageTableFormat):
     forced: ClassVar[Features] = frozenset()
     max_sw_bit: ClassVar[int | None] = None
     has_dirty: ClassVar[bool] = False
+    attr_mask: ClassVar[int] = ATTR_MASK
 
     # -- configuration -------------------------------------------------------
     def geometry(
@@ -155,9 +156,6 @@ class RiscvFormat(PageTableFormat):
         if child_phys < 0 or child_phys % (1 << GRANULE_LG2) or child_phys >> self.max_oa_lg2:
             raise InvalidArgument(f"riscv: bad table address {child_phys:#x}")
         return V | ((child_phys >> GRANULE_LG2) << PPN_SHIFT)
-
-    def attrs_from_entry(self, raw: int, level: int) -> int:
-        return raw & ATTR_MASK
 
 
 RISCV = RiscvFormat()

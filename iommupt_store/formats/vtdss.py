@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from iommupt_store.errors import InvalidArgument, NotSupported
+from iommupt_store.errors import InvalidArgument
 from iommupt_store.formats.base import (
     EMPTY,
     GRANULE_LG2,
-    TABLE_ITEMS_LG2,
     U64_MASK,
     Decoded,
     EntryType,
@@ -55,6 +54,8 @@ class VtdssFormat(PageTableFormat):
     forced: ClassVar[Features] = frozenset()
     max_sw_bit: ClassVar[int | None] = 10
     has_dirty: ClassVar[bool] = True
+    dirty_bit: ClassVar[int] = D
+    attr_mask: ClassVar[int] = ATTR_MASK
 
     # -- configuration -------------------------------------------------------
     def geometry(
@@ -65,27 +66,11 @@ class VtdssFormat(PageTableFormat):
         hw_max_oasz_lg2: int,
         features: Features,
     ) -> Geometry:
-        if not 0 < hw_max_vasz_lg2 <= self.max_va_lg2 or hw_max_oasz_lg2 <= 0:
-            raise InvalidArgument(f"vtdss: bad hw sizes va={hw_max_vasz_lg2} oa={hw_max_oasz_lg2}")
-        if top_level is None:
-            # Older kernels derived the top from the VA width; do the same.
-            top_level = next((lvl for lvl in (2, 3, 4) if hw_max_vasz_lg2 <= TABLE_ITEMS_LG2 + item_lg2sz(lvl)), 4)
-        if not 2 <= top_level <= 4:
-            raise NotSupported(f"vtdss: top_level must be 2..4, got {top_level}")
-        if hw_max_vasz_lg2 > TABLE_ITEMS_LG2 + item_lg2sz(top_level):
-            raise NotSupported(f"vtdss: {hw_max_vasz_lg2}-bit VA does not fit top level {top_level}")
-        return Geometry(
-            top_level=top_level,
-            max_vasz_lg2=hw_max_vasz_lg2,
-            max_oasz_lg2=min(self.max_oa_lg2, hw_max_oasz_lg2),
-        )
+        return self.radix_geometry(range(2, 5), top_level, hw_max_vasz_lg2, hw_max_oasz_lg2)
 
     # -- geometry ------------------------------------------------------------
     def can_hold_leaf(self, level: int) -> bool:
         return 0 <= level <= 2
-
-    def possible_sizes(self, level: int, *, features: Features = frozenset()) -> int:
-        return 1 << item_lg2sz(level) if self.can_hold_leaf(level) else 0
 
     def can_hold_table(self, level: int) -> bool:
         return 0 < level <= self.max_top_level
@@ -145,19 +130,6 @@ class VtdssFormat(PageTableFormat):
         if self.effective(Feature.DMA_INCOHERENT, features):
             value |= self.sw_bit(SW_BIT_CACHE_FLUSH_DONE)
         return value
-
-    def attrs_from_entry(self, raw: int, level: int) -> int:
-        return raw & ATTR_MASK
-
-    # -- dirty tracking ------------------------------------------------------
-    def is_dirty(self, raw: int) -> bool:
-        return bool(raw & D)
-
-    def make_clean(self, raw: int) -> int:
-        return raw & ~D & U64_MASK
-
-    def make_dirty(self, raw: int) -> int:
-        return raw | D
 
 
 VTDSS = VtdssFormat()

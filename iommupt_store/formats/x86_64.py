@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from iommupt_store.errors import InvalidArgument, NotSupported
+from iommupt_store.errors import InvalidArgument
 from iommupt_store.formats.base import (
     EMPTY,
     GRANULE_LG2,
-    TABLE_ITEMS_LG2,
     U64_MASK,
     Decoded,
     EntryType,
@@ -56,6 +55,7 @@ class X86_64Format(PageTableFormat):
     forced: ClassVar[Features] = frozenset()
     max_sw_bit: ClassVar[int | None] = 12
     has_dirty: ClassVar[bool] = False
+    attr_mask: ClassVar[int] = ATTR_MASK
 
     # -- configuration -------------------------------------------------------
     def geometry(
@@ -66,27 +66,11 @@ class X86_64Format(PageTableFormat):
         hw_max_oasz_lg2: int,
         features: Features,
     ) -> Geometry:
-        if not 0 < hw_max_vasz_lg2 <= self.max_va_lg2 or hw_max_oasz_lg2 <= 0:
-            raise InvalidArgument(f"x86_64: bad hw sizes va={hw_max_vasz_lg2} oa={hw_max_oasz_lg2}")
-        if top_level is None:
-            # Not a kernel knob any more; pick the smallest top that decodes the VA.
-            top_level = 3 if hw_max_vasz_lg2 <= TABLE_ITEMS_LG2 + item_lg2sz(3) else 4
-        if top_level not in (3, 4):
-            raise NotSupported(f"x86_64: top_level must be 3 or 4, got {top_level}")
-        if hw_max_vasz_lg2 > TABLE_ITEMS_LG2 + item_lg2sz(top_level):
-            raise NotSupported(f"x86_64: {hw_max_vasz_lg2}-bit VA does not fit top level {top_level}")
-        return Geometry(
-            top_level=top_level,
-            max_vasz_lg2=hw_max_vasz_lg2,
-            max_oasz_lg2=min(self.max_oa_lg2, hw_max_oasz_lg2),
-        )
+        return self.radix_geometry(range(3, 5), top_level, hw_max_vasz_lg2, hw_max_oasz_lg2)
 
     # -- geometry ------------------------------------------------------------
     def can_hold_leaf(self, level: int) -> bool:
         return 0 <= level <= 2
-
-    def possible_sizes(self, level: int, *, features: Features = frozenset()) -> int:
-        return 1 << item_lg2sz(level) if self.can_hold_leaf(level) else 0
 
     def can_hold_table(self, level: int) -> bool:
         return 0 < level <= self.max_top_level
@@ -139,9 +123,6 @@ class X86_64Format(PageTableFormat):
         if self.effective(Feature.DMA_INCOHERENT, features):
             value |= self.sw_bit(SW_BIT_CACHE_FLUSH_DONE)
         return value
-
-    def attrs_from_entry(self, raw: int, level: int) -> int:
-        return raw & ATTR_MASK
 
 
 X86_64 = X86_64Format()
