@@ -77,6 +77,7 @@ class Store:
 
     def machine(self, name: str = DEFAULT_MACHINE) -> Machine:
         """Attach to the machine's current boot (starting a new boot if the last one ended)."""
+        from . import liveupdate  # noqa: F401 - registers what a new boot does with the handover
         from .machine import Machine
 
         return Machine.attach(self, name)
