@@ -114,7 +114,7 @@ def attach(tx: Transaction, bdf: str, domain_id: int, *, owner: str | None = Non
     bdf = parse_bdf(bdf)
     row = _row(tx, bdf)
     if row is not None:
-        if row["owner"] and owner and owner != row["owner"]:
+        if row["owner"] and owner != row["owner"]:
             raise NotPermitted(f"device {bdf} is owned by {row['owner']!r}, not {owner!r}")
         if preserved_in_this_boot(tx, row["id"]):
             raise Busy(f"device {bdf} is preserved for a live update: its attachment cannot change")

@@ -271,3 +271,121 @@ def lu_db(tmp_path: Path, _lu_db_template: Path) -> Path:
     path = tmp_path / "lu.db"
     path.write_bytes(_lu_db_template.read_bytes())
     return path
+
+
+# -- sessions and devices (tests/test_sessions_*.py) --------------------------------------------------
+
+#: the world ``session_world`` builds in boot N (see ``SessionWorld``)
+SW_SESSION, SW_SESSION2, SW_OWNER = "vmm", "other-vmm", "vfio-vmm"
+SW_TOKEN_A, SW_TOKEN_B, SW_TOKEN_U, SW_TOKEN_O = 0xA1, 0xB1, 0xC1, 0xE1
+SW_DEV_A0, SW_DEV_A1, SW_DEV_B, SW_DEV_L, SW_DEV_O = (
+    "0000:3b:00.0",
+    "0000:3b:00.1",
+    "0000:3c:00.0",
+    "0000:5e:00.0",
+    "0000:6f:00.0",
+)
+#: device tokens
+SW_TOKEN_DEV = {SW_DEV_A0: 0xD0, SW_DEV_A1: 0xD1, SW_DEV_B: 0xD2}
+
+
+class SessionWorld:
+    """Boot N of machine ``"lu"`` (in ``lu_db``), built in this process.
+
+    * session ``SW_SESSION``: domain A (x86_64: a 4K run and the test_mixed range) under ``SW_TOKEN_A``
+      with devices ``SW_DEV_A0`` and ``SW_DEV_A1`` (one DID, shared); domain B (vtdss) under
+      ``SW_TOKEN_B`` with device ``SW_DEV_B``; domain U (amdv1, no device) under ``SW_TOKEN_U``.
+      Devices are owned by ``SW_OWNER`` and preserved under ``SW_TOKEN_DEV``.
+    * session ``SW_SESSION2``: domain O (vtdss) under ``SW_TOKEN_O``; device ``SW_DEV_O`` is attached
+      to O but not preserved.
+    * domain L (riscv), live, with device ``SW_DEV_L`` (owner ``"other"``) attached, not preserved.
+    """
+
+    def __init__(self, db: Path) -> None:
+        from iommupt_store.devices import attach
+        from iommupt_store.domains import domain_alloc
+        from iommupt_store.liveupdate.sessions import create_session, preserve_device, preserve_domain_in_session
+
+        self.db = db
+        self.store = Store(db)
+        with self.machine().transaction() as tx:
+            create_session(tx, SW_SESSION)
+            create_session(tx, SW_SESSION2)
+            a = domain_alloc(tx, "x86_64")
+            a.map_range(0x40000000, 0x80001000, 1 << 20)
+            a.map_range(0x3FE400000, 0x3FE400000, 0xC2200000)
+            b = domain_alloc(tx, "vtdss")
+            b.map_range(0x40000000, 0x80001000, 2 << 20)
+            u = domain_alloc(tx, "amdv1")
+            u.map_range(0x10000, 0x10000, 0x30000)
+            o = domain_alloc(tx, "vtdss")
+            o.map_range(0x1000, 0x1000, 0x4000)
+            lo = domain_alloc(tx, "riscv")
+            lo.map_range(0x1000, 0x2000, 0x4000)
+            self.a, self.b, self.u, self.o, self.l = a.id, b.id, u.id, o.id, lo.id
+            attach(tx, SW_DEV_A0, a.id, owner=SW_OWNER)
+            attach(tx, SW_DEV_A1, a.id, owner=SW_OWNER)
+            attach(tx, SW_DEV_B, b.id, owner=SW_OWNER)
+            attach(tx, SW_DEV_O, o.id, owner=SW_OWNER)
+            attach(tx, SW_DEV_L, lo.id, owner="other")
+            preserve_domain_in_session(tx, SW_SESSION, a.id, SW_TOKEN_A)
+            preserve_domain_in_session(tx, SW_SESSION, b.id, SW_TOKEN_B)
+            preserve_domain_in_session(tx, SW_SESSION, u.id, SW_TOKEN_U)
+            preserve_domain_in_session(tx, SW_SESSION2, o.id, SW_TOKEN_O)
+            for bdf, token in SW_TOKEN_DEV.items():
+                preserve_device(tx, SW_SESSION, bdf, token)
+
+    def machine(self) -> Machine:
+        """The machine's current boot (opening it after a seal starts the next boot)."""
+        return self.store.machine("lu")
+
+    def tx(self, fn: Any) -> Any:
+        """``fn(tx)`` in one write transaction of the current boot."""
+        with self.machine().transaction() as tx:
+            return fn(tx)
+
+    def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(self.db)
+        try:
+            rows = conn.execute(query, params).fetchall()
+            conn.commit()
+            return rows
+        finally:
+            conn.close()
+
+    def seal(self) -> None:
+        """``liveupdate`` (the kexec), then start boot N+1 in this process."""
+        from iommupt_store.liveupdate import liveupdate
+
+        boot = self.machine().boot_number
+        liveupdate(self.machine())
+        assert self.machine().boot_number == boot + 1
+
+    def retrieve(self, name: str = SW_SESSION) -> None:
+        from iommupt_store.liveupdate.sessions import retrieve_session
+
+        self.tx(lambda tx: retrieve_session(tx, name))
+
+    def restore(self, token: int) -> int:
+        from iommupt_store.liveupdate import restore_domain
+
+        return int(self.tx(lambda tx: restore_domain(tx, token).id))
+
+    def new_domain(self, fmt: str = "x86_64") -> int:
+        from iommupt_store.domains import domain_alloc
+
+        return int(self.tx(lambda tx: domain_alloc(tx, fmt).id))
+
+    def did(self, bdf: str) -> int | None:
+        rows = self.sql("SELECT did FROM device WHERE bdf = ?", bdf)
+        return rows[0][0] if rows else None
+
+
+@pytest.fixture
+def session_world(lu_db: Path) -> Iterator[SessionWorld]:
+    """``SessionWorld`` in boot N, before the seal."""
+    world = SessionWorld(lu_db)
+    try:
+        yield world
+    finally:
+        world.store.close()

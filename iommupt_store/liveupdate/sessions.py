@@ -155,9 +155,10 @@ def close_session(tx: Transaction, name: str) -> int:
     if session["state"] != "open":
         raise NotPermitted(f"session {name!r} is {session['state']} and can no longer be closed")
     h = HandoverEntry
-    entries = tx.conn.execute(
-        select(h.id, h.token, h.kind).where(h.session_id == session["id"]).order_by(h.kind.desc(), h.token)
-    ).all()
+    entries = sorted(
+        tx.conn.execute(select(h.id, h.token, h.kind).where(h.session_id == session["id"])).all(),
+        key=lambda e: (e.kind != "device", e.token),
+    )
     for entry_id, token, kind in entries:  # devices first, then their domains
         if kind == "device":
             tx.conn.execute(delete(h).where(h.id == entry_id))
