@@ -67,7 +67,7 @@ def check_preserved(tx: Transaction) -> tuple[int, int]:
                 f"and {len(missing)} preserved frame(s) are unreachable {[hex(p) for p in missing[:4]]}"
             )
         for pfn, rec in preserved.items():
-            if kho.content_hash(tx.memory.read(pfn)) != rec.content_hash:
+            if kho.content_hash(tx.memory.view(pfn)) != rec.content_hash:
                 raise SealRefused(f"{where}: frame {pfn:#x} of domain {domain_id} changed after preserve")
         frames += len(preserved)
     return len(entries), frames
