@@ -126,3 +126,11 @@ class FinishReport(Report):
     #: tokens of domains never restored: their frames stay reserved until the next boot
     never_reclaimed: list[HexInt]
     frames_never_reclaimed: int
+
+
+class FsckReport(Report):
+    machine: str
+    boot: int
+    domains_checked: int
+    problems: list[str]
+    ok: bool

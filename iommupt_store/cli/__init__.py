@@ -13,7 +13,7 @@ import click
 from ..errors import EXIT_DATAERR, EXIT_FAILURE, EXIT_TEMPFAIL, EXIT_USAGE, IommuptError
 from ..store import DEFAULT_MACHINE, ENV_DB
 from .common import Context, Group, fail
-from .db_cmds import db, init, status
+from .db_cmds import db, fsck, init, status
 from .domain_cmds import COMMANDS as DOMAIN_COMMANDS
 from .liveupdate_cmds import COMMANDS as LIVEUPDATE_COMMANDS
 from .session_cmds import COMMANDS as SESSION_COMMANDS
@@ -68,6 +68,7 @@ def cli(ctx: click.Context, db: str | None, machine: str) -> None:
 cli.add_command(init)
 cli.add_command(status)
 cli.add_command(db)
+cli.add_command(fsck)
 for _cmd in DOMAIN_COMMANDS + LIVEUPDATE_COMMANDS + SESSION_COMMANDS:
     cli.add_command(_cmd)
 

@@ -153,3 +153,33 @@ def history(as_json: bool) -> None:
         return
     for r in revs:
         err_console.print(f"{r['revision']}  (from {r['down_revision'] or 'base'})  {r['message']}")
+
+
+@click.command()
+@json_option
+@pass_ctx
+def fsck(ctx: Context, as_json: bool) -> None:
+    """Check the machine's stored state against the model's invariants (read-only).
+
+    Every table reachable from a domain's top must be that domain's frame at the
+    right level, reached once; no frame may be orphaned; a preserved domain's
+    frames must be exactly the preserved ones, bytes unchanged; devices attach
+    only to existing domains; SQLite's integrity and foreign-key checks pass.
+    Exit code 65 when a problem is found.
+    """
+    from ..errors import EXIT_DATAERR
+    from ..fsck import fsck as run_fsck
+
+    with ctx.machine().transaction(write=False) as tx:
+        report = run_fsck(tx)
+    if as_json:
+        emit_json(report)
+    else:
+        for p in report.problems:
+            err_console.print(f"[red]problem:[/] {p}")
+        err_console.print(
+            f"machine {report.machine!r}, boot {report.boot}: {report.domains_checked} domain(s) checked, "
+            + ("no problems" if report.ok else f"{len(report.problems)} problem(s)")
+        )
+    if not report.ok:
+        raise SystemExit(EXIT_DATAERR)
