@@ -246,6 +246,37 @@ def run_python(
     )
 
 
+def sql(db: Path | str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Run one statement with the stock sqlite3 module (as a user tampering by hand) and commit."""
+    conn = sqlite3.connect(db)
+    try:
+        rows = conn.execute(query, params).fetchall()
+        conn.commit()
+        return rows
+    finally:
+        conn.close()
+
+
+def crash_then_rerun(db: Path, code: str, args: list[str], point: str) -> Any:
+    """Run ``code`` in a child that SIGKILLs itself at crash point ``point``; check that the next
+    process finds exactly the state before, in a sound file; rerun the operation, which must succeed,
+    and return what the rerun printed (JSON)."""
+    import json
+    import signal
+
+    before = sqlite_dump(db)
+    crashed = run_python(code, *args, env={"IOMMUPT_CRASHPOINT": point})
+    assert crashed.returncode == -signal.SIGKILL, (crashed.returncode, crashed.stderr[-2000:])
+    assert crashed.stdout == ""
+    assert integrity(db) == ("ok", [])
+    assert sqlite_dump(db) == before
+    again = run_python(code, *args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sqlite_dump(db) != before
+    assert integrity(db) == ("ok", [])
+    return json.loads(again.stdout)
+
+
 def run_python_ok(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``run_python`` that must exit 0 (the child's stderr is shown otherwise)."""
     proc = run_python(code, *args, env=env)
@@ -345,13 +376,7 @@ class SessionWorld:
             return fn(tx)
 
     def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
-        conn = sqlite3.connect(self.db)
-        try:
-            rows = conn.execute(query, params).fetchall()
-            conn.commit()
-            return rows
-        finally:
-            conn.close()
+        return sql(self.db, query, *params)
 
     def seal(self) -> None:
         """``liveupdate`` (the kexec), then start boot N+1 in this process."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from iommupt_store.liveupdate import (
 )
 from iommupt_store.machine import Machine, Transaction
 from iommupt_store.store import Store
-from tests.conftest import RunCli, integrity, one_error_line, sqlite_dump
+from tests.conftest import RunCli, integrity, one_error_line, sql, sqlite_dump
 
 MACHINE = "lu"
 TOKEN_A, TOKEN_B = 0xA, 0xB
@@ -85,13 +84,7 @@ class World:
             return fn(tx)
 
     def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
-        conn = sqlite3.connect(self.db)
-        try:
-            rows = conn.execute(query, params).fetchall()
-            conn.commit()
-            return rows
-        finally:
-            conn.close()
+        return sql(self.db, query, *params)
 
     # -- frames of a domain ---------------------------------------------------------------
     def top_pfn(self, dom: int) -> int:

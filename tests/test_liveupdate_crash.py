@@ -11,7 +11,6 @@ state after it.
 
 from __future__ import annotations
 
-import json
 import signal
 import sqlite3
 from collections.abc import Callable
@@ -24,7 +23,7 @@ import pytest
 from iommupt_store.domains import domain_alloc, frame_counts, get_domain, hardware_walker
 from iommupt_store.liveupdate import liveupdate, preserve_domain, restore_domain
 from iommupt_store.store import Store
-from tests.conftest import integrity, run_python, sqlite_dump
+from tests.conftest import crash_then_rerun, run_python
 
 pytestmark = pytest.mark.crash
 
@@ -196,22 +195,7 @@ CASES = [
 def test_kill_at_crash_point(lu_db: Path, case: Case) -> None:
     with Store(lu_db) as s:
         args = case.setup(s)
-    before = sqlite_dump(lu_db)
-
-    crashed = run_python(OP, str(lu_db), MACHINE, case.op, *args, env={"IOMMUPT_CRASHPOINT": case.point})
-    assert crashed.returncode == -signal.SIGKILL, (crashed.returncode, crashed.stderr[-2000:])
-    assert crashed.stdout == ""
-
-    # the next process: exactly the state before the operation, and a sound file
-    assert integrity(lu_db) == ("ok", [])
-    assert sqlite_dump(lu_db) == before
-
-    # ... and it carries on: the same operation succeeds
-    again = run_python(OP, str(lu_db), MACHINE, case.op, *args)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert sqlite_dump(lu_db) != before
-    assert integrity(lu_db) == ("ok", [])
-    case.check(lu_db, json.loads(again.stdout))
+    case.check(lu_db, crash_then_rerun(lu_db, OP, [str(lu_db), MACHINE, case.op, *args], case.point))
 
 
 def test_restore_crash_then_walker_still_translates(lu_db: Path) -> None:

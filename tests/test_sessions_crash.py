@@ -39,9 +39,8 @@ from tests.conftest import (
     SW_TOKEN_O,
     SW_TOKEN_U,
     SessionWorld,
-    integrity,
+    crash_then_rerun,
     run_python,
-    sqlite_dump,
 )
 
 pytestmark = pytest.mark.crash
@@ -219,22 +218,7 @@ def test_kill_at_crash_point(lu_db: Path, case: Case) -> None:
         args = case.setup(w)
     finally:
         w.store.close()
-    before = sqlite_dump(lu_db)
-
-    crashed = run_python(OP, str(lu_db), MACHINE, case.op, *args, env={"IOMMUPT_CRASHPOINT": case.point})
-    assert crashed.returncode == -signal.SIGKILL, (crashed.returncode, crashed.stderr[-2000:])
-    assert crashed.stdout == ""
-
-    # the next process: exactly the state before the operation, and a sound file
-    assert integrity(lu_db) == ("ok", [])
-    assert sqlite_dump(lu_db) == before
-
-    # ... and it carries on: the same operation succeeds
-    again = run_python(OP, str(lu_db), MACHINE, case.op, *args)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert sqlite_dump(lu_db) != before
-    assert integrity(lu_db) == ("ok", [])
-    case.check(w, json.loads(again.stdout))
+    case.check(w, crash_then_rerun(lu_db, OP, [str(lu_db), MACHINE, case.op, *args], case.point))
 
 
 def test_dma_continues_through_crashed_restore_and_replace(lu_db: Path) -> None:
