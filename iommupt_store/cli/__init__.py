@@ -19,6 +19,9 @@ from .liveupdate_cmds import COMMANDS as LIVEUPDATE_COMMANDS
 from .session_cmds import COMMANDS as SESSION_COMMANDS
 
 EPILOG = f"""\b
+Start with 'iommupt-store demo': a whole live update across two processes.
+
+\b
 Exit codes:
   0   success
   {EXIT_FAILURE}   the operation failed (the kernel's errno is named in the message)

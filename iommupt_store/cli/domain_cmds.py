@@ -64,7 +64,7 @@ def create(
 
     \b
     Defaults: amdv1 starting level 2 with a dynamic top (up to 64-bit VA);
-    x86_64 4-level, 48-bit, sign-extended; vtdss 3-level... 48-bit;
+    x86_64 4-level, 48-bit, sign-extended; vtdss 4-level, 48-bit;
     riscv Sv48, sign-extended.
 
     \b
