@@ -120,6 +120,14 @@ def attach(tx: Transaction, bdf: str, domain_id: int, *, owner: str | None = Non
             raise Busy(f"device {bdf} is preserved for a live update: its attachment cannot change")
         if row["domain_id"] is not None and row["boot_id"] != tx.machine.boot_id:
             raise Busy(f"device {bdf} still DMAs through its preserved attachment: restore, then 'device replace'")
+        if row["domain_id"] is not None and get_domain(tx, row["domain_id"]).state == "restored":
+            # moving off a restored domain is the replace flow, which also frees that domain
+            raise Busy(f"device {bdf} is on restored domain {row['domain_id']}: use 'device replace'")
+    _attach_row(tx, bdf, row, domain_id, owner, did)
+
+
+def _attach_row(tx: Transaction, bdf: str, row: Any, domain_id: int, owner: str | None, did: int | None) -> None:
+    """Point the device (``row``, or a new one) at a live domain of this boot with a DID."""
     dom = get_domain(tx, domain_id)
     if dom.state != "live" or dom.boot_id != tx.machine.boot_id:
         raise NotPermitted(f"domain {domain_id} is {dom.state}: devices attach only to live domains of this boot")
@@ -150,11 +158,8 @@ def replace(tx: Transaction, bdf: str, domain_id: int, *, owner: str | None) -> 
             f"device {bdf} is attached to domain {old_id} ({old.state}); replace moves a device off a restored "
             "domain after it was re-attached"
         )
-    dom = get_domain(tx, domain_id)
-    if dom.state != "live" or dom.boot_id != tx.machine.boot_id:
-        raise NotPermitted(f"domain {domain_id} is {dom.state}: devices attach only to live domains of this boot")
     # attach while the restored domain's DID is still held, so the new domain gets another one
-    attach(tx, bdf, domain_id, owner=owner)
+    _attach_row(tx, bdf, row, domain_id, owner, None)
     crashpoint("device_replace")
     if _domain_did(tx, old_id) is None:
         old.free()

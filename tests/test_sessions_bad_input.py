@@ -375,3 +375,16 @@ def test_cli_refusals(session_world: SessionWorld, run_cli: RunCli) -> None:
     _cli_refused(w, run_cli, ["session", "finish", SW_SESSION, "--json"], "EBUSY", "cannot finish")
     w.restore(SW_TOKEN_B)
     _cli_refused(w, run_cli, ["device", "replace", SW_DEV_B, str(new), "--owner", "intruder"], "EPERM", "intruder")
+
+
+def test_attach_cannot_move_a_device_off_its_restored_domain(session_world: SessionWorld) -> None:
+    """Moving off a restored domain is the replace flow (which frees it); a plain attach is refused."""
+    w = session_world
+    w.seal()
+    w.retrieve(SW_SESSION)
+    w.restore(SW_TOKEN_B)
+    target = w.new_domain()
+    before = sqlite_dump(w.db)
+    with pytest.raises(Busy, match="use 'device replace'"):
+        w.tx(lambda tx: attach(tx, SW_DEV_B, target, owner=SW_OWNER))
+    assert sqlite_dump(w.db) == before
