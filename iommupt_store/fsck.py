@@ -17,8 +17,7 @@ from sqlalchemy import select, text
 from .db.models import Device, Page
 from .db.models import Domain as DomainRow
 from .domains import hardware_walker
-from .liveupdate import kho
-from .liveupdate.iommu import owner_tag
+from .liveupdate.iommu import preservation_problems
 from .machine import Transaction
 from .memory import PAGE_SHIFT
 from .pagetable.walker import TableInfo, WalkError
@@ -65,13 +64,8 @@ def fsck(tx: Transaction) -> FsckReport:
         if orphans:
             problems.append(f"domain {domain_id}: {len(orphans)} frame(s) unreachable from the top (leaked)")
         if state == "preserved":
-            preserved = kho.preserved_by(tx, owner_tag(domain_id), boot_id)
-            if set(preserved) != {pfn for pfn, _ in reached}:
-                problems.append(f"preserved domain {domain_id}: reachable frames differ from the preserved ones")
-            tx.memory.load(preserved)
-            for pfn, rec in preserved.items():
-                if tx.memory.is_allocated(pfn) and kho.content_hash(tx.memory.view(pfn)) != rec.content_hash:
-                    problems.append(f"preserved domain {domain_id}: frame {pfn:#x} changed since it was preserved")
+            reachable = {pfn for pfn, _ in reached}
+            problems += [f"preserved {p}" for p in preservation_problems(tx, domain_id, reachable, boot_id)]
     for domain_id, own in frames.items():
         problems.append(f"{len(own)} frame(s) belong to domain {domain_id}, which does not exist")
     live = {d for d, state, _ in domains if state != "freed"}

@@ -57,7 +57,7 @@ def test_changed_preserved_frame(built: tuple[Machine, int, int], db_path: Path)
         db_path,
         f"UPDATE page SET contents = zeroblob(4096) WHERE pfn = (SELECT max(pfn) FROM page WHERE domain_id={a})",
     )
-    assert any("changed since it was preserved" in p for p in _report(machine))
+    assert any("changed after preserve" in p for p in _report(machine))
 
 
 def test_orphan_and_foreign_frame(built: tuple[Machine, int, int], db_path: Path) -> None:

@@ -21,7 +21,7 @@ from ..machine import BOOT_START_HOOKS, Machine, Transaction
 from ..memory import PAGE_SHIFT
 from ..reports import HandoverEntryInfo, HandoverReport, SealReport
 from . import kho
-from .iommu import incoming_entries, owner_tag
+from .iommu import incoming_entries, owner_tag, preservation_problems
 from .sessions import on_boot_start as on_session_boot_start
 from .sessions import seal_sessions
 
@@ -58,18 +58,10 @@ def check_preserved(tx: Transaction) -> tuple[int, int]:
             reachable = {phys >> PAGE_SHIFT for phys in pt.collect_tables()}
         except BadData as e:
             raise SealRefused(f"{where}: domain {domain_id}: {e}") from e
-        preserved = kho.preserved_by(tx, owner_tag(domain_id))
-        if reachable != set(preserved):
-            extra = sorted(reachable - set(preserved))
-            missing = sorted(set(preserved) - reachable)
-            raise SealRefused(
-                f"{where}: domain {domain_id} reaches {len(extra)} unpreserved frame(s) {[hex(p) for p in extra[:4]]} "
-                f"and {len(missing)} preserved frame(s) are unreachable {[hex(p) for p in missing[:4]]}"
-            )
-        for pfn, rec in preserved.items():
-            if kho.content_hash(tx.memory.view(pfn)) != rec.content_hash:
-                raise SealRefused(f"{where}: frame {pfn:#x} of domain {domain_id} changed after preserve")
-        frames += len(preserved)
+        problems = preservation_problems(tx, domain_id, reachable, tx.machine.boot_id)
+        if problems:
+            raise SealRefused(f"{where}: {problems[0]}")
+        frames += len(reachable)
     return len(entries), frames
 
 

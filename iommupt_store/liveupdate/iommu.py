@@ -55,6 +55,24 @@ class IncomingEntry:
     kind: str
 
 
+def preservation_problems(tx: Transaction, domain_id: int, reachable: set[int], boot_id: int) -> list[str]:
+    """How a preserved domain's frames differ from what was preserved for it in ``boot_id``:
+    the reachable tables must be exactly the preserved frames, with the bytes they had."""
+    preserved = kho.preserved_by(tx, owner_tag(domain_id), boot_id)
+    problems = []
+    extra, missing = sorted(reachable - set(preserved)), sorted(set(preserved) - reachable)
+    if extra or missing:
+        problems.append(
+            f"domain {domain_id} reaches {len(extra)} unpreserved frame(s) {[hex(p) for p in extra[:4]]} "
+            f"and {len(missing)} preserved frame(s) are unreachable {[hex(p) for p in missing[:4]]}"
+        )
+    tx.memory.load(preserved)
+    for pfn, rec in preserved.items():
+        if tx.memory.is_allocated(pfn) and kho.content_hash(tx.memory.view(pfn)) != rec.content_hash:
+            problems.append(f"frame {pfn:#x} of domain {domain_id} changed after preserve")
+    return problems
+
+
 # -- preserve / unpreserve (boot N) --------------------------------------------------------
 def preserve_domain(tx: Transaction, domain_id: int, token: int) -> DomainDescriptorV1:
     """Preserve the domain's tables and hand its descriptor over under ``token``."""
