@@ -27,13 +27,18 @@ MAX_DID = 65535
 _BDF = re.compile(r"^(?:([0-9a-fA-F]{1,4}):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])$")
 
 
-def parse_bdf(text: str) -> str:
-    """Normalise ``[segment:]bus:device.function`` to ``ssss:bb:dd.f``."""
+def bdf_fields(text: str) -> tuple[int, int, int]:
+    """``[segment:]bus:device.function`` as (segment, bus, devfn), devfn = device << 3 | function."""
     m = _BDF.match(text.strip())
     if not m or int(m.group(3), 16) > 0x1F:
         raise InvalidArgument(f"{text!r} is not a PCI address (segment:bus:device.function, e.g. 0000:3b:00.1)")
-    seg, bus, dev, fn = int(m.group(1) or "0", 16), int(m.group(2), 16), int(m.group(3), 16), int(m.group(4))
-    return f"{seg:04x}:{bus:02x}:{dev:02x}.{fn}"
+    return int(m.group(1) or "0", 16), int(m.group(2), 16), int(m.group(3), 16) << 3 | int(m.group(4))
+
+
+def parse_bdf(text: str) -> str:
+    """Normalise ``[segment:]bus:device.function`` to ``ssss:bb:dd.f``."""
+    seg, bus, devfn = bdf_fields(text)
+    return f"{seg:04x}:{bus:02x}:{devfn >> 3:02x}.{devfn & 7}"
 
 
 def _row(tx: Transaction, bdf: str) -> Any:
@@ -183,14 +188,6 @@ def reattach_restored(tx: Transaction, device_id: int, domain_id: int) -> None:
     """Point a preserved device at its restored domain, keeping the preserved DID."""
     tx.conn.execute(
         update(Device).where(Device.id == device_id).values(domain_id=domain_id, boot_id=tx.machine.boot_id)
-    )
-
-
-def attached_devices(tx: Transaction, domain_id: int) -> list[str]:
-    return list(
-        tx.conn.execute(
-            select(Device.bdf).where(Device.machine_id == tx.machine.id, Device.domain_id == domain_id)
-        ).scalars()
     )
 
 

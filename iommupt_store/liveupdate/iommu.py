@@ -25,7 +25,13 @@ from sqlalchemy import delete, insert, select, update
 from ..crash import crashpoint
 from ..db.models import Domain as DomainRow
 from ..db.models import HandoverEntry
-from ..descriptors import DOMAIN_COMPATIBLE, DomainDescriptorV1, dump_descriptor, parse_domain_descriptor
+from ..descriptors import (
+    DOMAIN_COMPATIBLE,
+    DomainDescriptorV1,
+    dump_descriptor,
+    parse_device_descriptor,
+    parse_domain_descriptor,
+)
 from ..domains import Domain, domain_alloc, get_domain
 from ..errors import AlreadyExists, BadData, Busy, InvalidArgument, NotFound, NotPermitted
 from ..formats import get_format
@@ -131,7 +137,7 @@ def unpreserve_domain(tx: Transaction, token: int) -> int:
             HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.kind == "device"
         )
     ).scalars()
-    if any(int(str(d.get("domain_token", "0x0")), 16) == token for d in users):
+    if any(parse_device_descriptor(d).domain_token == token for d in users):
         raise Busy(f"a preserved device uses the domain under token {token:#x}: close its session instead")
     dom = get_domain(tx, row.domain_id)
     tables = dom.pt.collect_tables()

@@ -26,7 +26,7 @@ from ..descriptors import (
     dump_descriptor,
     parse_device_descriptor,
 )
-from ..devices import attached_devices, get_device, reattach_restored
+from ..devices import bdf_fields, get_device, reattach_restored
 from ..errors import AlreadyExists, Busy, InvalidArgument, NotFound, NotPermitted
 from ..machine import Transaction
 from ..reports import FinishReport, SessionInfo
@@ -125,11 +125,11 @@ def preserve_device(tx: Transaction, name: str, bdf: str, token: int) -> DeviceD
         raise AlreadyExists(f"device {dev['bdf']} is already preserved")
     if tx.conn.execute(select(h.id).where(h.boot_id == tx.machine.boot_id, h.token == token)).first():
         raise AlreadyExists(f"token {token:#x} is already used in this boot's handover")
-    seg, bus, devfn = dev["bdf"][:4], dev["bdf"][5:7], dev["bdf"][8:]
+    segment, bus, devfn = bdf_fields(dev["bdf"])
     desc = DeviceDescriptorV1(
-        segment=int(seg, 16),
-        bus=int(bus, 16),
-        devfn=(int(devfn[:2], 16) << 3) | int(devfn[3]),
+        segment=segment,
+        bus=bus,
+        devfn=devfn,
         did=dev["did"],
         domain_token=dom_entry.token,
         owner=dev["owner"] or "",
@@ -322,7 +322,6 @@ def on_boot_start(tx: Transaction, end_kind: str, prev_id: int) -> None:
 
 
 __all__ = [
-    "attached_devices",
     "close_session",
     "create_session",
     "finish_session",
