@@ -90,12 +90,15 @@ class Domain:
             raise NotFound(f"domain {self.id} has been freed")
         return self._pt
 
-    def _require(self, op: str, *, allow_preserved: bool = False) -> PageTable:
+    def _require_own_boot(self, op: str) -> None:
         if self.boot_id != self.tx.machine.boot_id and self.state != "freed":
             raise NotPermitted(
                 f"domain {self.id} belongs to an earlier boot (the previous kernel's object): {op} refused; "
                 "restore it in this boot"
             )
+
+    def _require(self, op: str, *, allow_preserved: bool = False) -> PageTable:
+        self._require_own_boot(op)
         if self.state == "restored":
             raise NotPermitted(f"domain {self.id} was restored after a live update and is immutable: {op} refused")
         if self.state == "preserved" and not allow_preserved:
@@ -116,8 +119,7 @@ class Domain:
         """Release every table frame (``deinit``); the only operation a restored domain accepts."""
         if self.state == "preserved":
             raise NotPermitted(f"domain {self.id} is preserved for a live update: unpreserve it before freeing")
-        if self.boot_id != self.tx.machine.boot_id and self.state != "freed":
-            raise NotPermitted(f"domain {self.id} belongs to an earlier boot: restore it before freeing")
+        self._require_own_boot("free")
         attached = self.tx.conn.execute(select(Device.bdf).where(Device.domain_id == self.id)).scalars().all()
         if attached:
             raise Busy(f"domain {self.id} is attached to device(s) {', '.join(attached)}: detach or replace first")
@@ -135,31 +137,25 @@ class Domain:
         return hardware_walker(self.tx, self.id)
 
     def info(self) -> DomainInfo:
-        pt = self._pt
         boot = self.tx.conn.execute(select(Boot.number).where(Boot.id == self.boot_id)).scalar_one()
-        frames = len(pt.collect_tables()) if pt is not None else 0
-        row = self.tx.conn.execute(select(DomainRow.__table__).where(DomainRow.id == self.id)).one()
+        # a freed domain's geometry comes from its stored row (no frames are touched)
+        pt = self._pt or page_table_from_row(
+            self.tx, self.tx.conn.execute(select(DomainRow.__table__).where(DomainRow.id == self.id)).mappings().one()
+        )
         return DomainInfo(
             id=self.id,
             format=self.format,
             state=self.state,
             boot=boot,
-            top_phys=pt.top_phys if pt else None,
-            top_level=pt.top_level if pt else row.top_level,
-            max_vasz_lg2=pt.max_vasz_lg2 if pt else row.max_vasz_lg2,
-            range_vasz_lg2=pt.range_vasz()
-            if pt
-            else range_vasz(
-                get_format(self.format),
-                row.top_level,
-                row.max_vasz_lg2,
-                frozenset(Feature(f) for f in row.features if f in Feature.__members__),
-            ),
-            max_oasz_lg2=pt.max_oasz_lg2 if pt else row.max_oasz_lg2,
-            sign_extend=pt.sign_extend if pt else "SIGN_EXTEND" in row.features,
-            features=sorted(f.value for f in pt.features) if pt else sorted(row.features),
-            pgsize_bitmap=pt.pgsize_bitmap if pt else row.pgsize_bitmap,
-            frames=frames,
+            top_phys=pt.top_phys if self._pt else None,
+            top_level=pt.top_level,
+            max_vasz_lg2=pt.max_vasz_lg2,
+            range_vasz_lg2=pt.range_vasz(),
+            max_oasz_lg2=pt.max_oasz_lg2,
+            sign_extend=pt.sign_extend,
+            features=sorted(f.value for f in pt.features),
+            pgsize_bitmap=pt.pgsize_bitmap,
+            frames=len(pt.collect_tables()) if self._pt else 0,
         )
 
     def _write_back(self) -> None:
