@@ -102,7 +102,8 @@ def check_revision(conn: Connection, url: str) -> None:
 def _run(url: str, action: str, revision: str) -> None:
     # Migrations run with foreign keys off (SQLite's move-and-copy of a referenced
     # table fails otherwise) and are checked before commit instead.
-    engine = make_engine(url, foreign_keys=False, create=action == "upgrade")
+    # only 'init' creates a database; an upgrade or downgrade of a missing file is refused
+    engine = make_engine(url, foreign_keys=False, create=False)
     try:
         with translate_db_errors(url), engine.begin() as conn:
             from alembic import command
