@@ -19,35 +19,29 @@ SESSION_NAME_BYTES = 63
 OWNER_CHARS = 64
 
 
-def _check_text(what: str, value: str) -> None:
-    if not value:
-        raise InvalidArgument(f"{what} must not be empty")
+def _check_text(what: str, value: str, size: int, limit: int, unit: str) -> str:
+    rule = f"{what} {value!r} must be 1..{limit} {unit} of printable text, without spaces at either end"
+    if not 1 <= size <= limit:
+        raise InvalidArgument(f"{rule} (it is {size} {unit})")
     if not value.isprintable():
-        raise InvalidArgument(f"{what} {value!r} must be printable text (no control characters or line breaks)")
+        raise InvalidArgument(f"{rule} (it holds a control character or a line break)")
     if value != value.strip():
-        raise InvalidArgument(f"{what} {value!r} must not begin or end with spaces")
+        raise InvalidArgument(f"{rule} (it begins or ends with a space)")
+    return value
 
 
 def check_machine_name(name: str) -> str:
-    _check_text("machine name", name)
-    if len(name) > MACHINE_NAME_CHARS:
-        raise InvalidArgument(f"machine name {name!r} is {len(name)} characters long; at most {MACHINE_NAME_CHARS}")
-    return name
+    return _check_text("machine name", name, len(name), MACHINE_NAME_CHARS, "characters")
 
 
 def check_session_name(name: str) -> str:
-    _check_text("session name", name)
-    size = len(name.encode())
-    if size > SESSION_NAME_BYTES:
-        raise InvalidArgument(f"session name {name!r} is {size} bytes in UTF-8; at most {SESSION_NAME_BYTES}")
-    return name
+    # surrogates (undecodable bytes) cannot be encoded: they are refused as unprintable below
+    size = len(name.encode(errors="surrogatepass"))
+    return _check_text("session name", name, size, SESSION_NAME_BYTES, "bytes")
 
 
 def check_owner(owner: str) -> str:
-    _check_text("device owner", owner)
-    if len(owner) > OWNER_CHARS:
-        raise InvalidArgument(f"device owner {owner!r} is {len(owner)} characters long; at most {OWNER_CHARS}")
-    return owner
+    return _check_text("device owner", owner, len(owner), OWNER_CHARS, "characters")
 
 
 def describe_owner(owner: str | None) -> str:

@@ -131,7 +131,7 @@ def upgrade(ctx: Context, revision: str) -> None:
     Only an existing database is upgraded; 'init' creates a new one.
     """
     url = _url(ctx)
-    migrate.upgrade(url, revision)
+    migrate.upgrade(url, revision, create=False)  # only 'init' creates a database
     render.result(f"upgraded {shown_url(url)} to {revision}")
 
 

@@ -99,11 +99,10 @@ def check_revision(conn: Connection, url: str) -> None:
     raise SchemaError(f"{url} is at revision {rev}, older than this version's {head}: run '{UPGRADE_HINT}'")
 
 
-def _run(url: str, action: str, revision: str) -> None:
+def _run(url: str, action: str, revision: str, *, create: bool = False) -> None:
     # Migrations run with foreign keys off (SQLite's move-and-copy of a referenced
     # table fails otherwise) and are checked before commit instead.
-    # only 'init' creates a database; an upgrade or downgrade of a missing file is refused
-    engine = make_engine(url, foreign_keys=False, create=False)
+    engine = make_engine(url, foreign_keys=False, create=create)
     try:
         with translate_db_errors(url), engine.begin() as conn:
             from alembic import command
@@ -123,8 +122,9 @@ def _run(url: str, action: str, revision: str) -> None:
         engine.dispose()
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    _run(url, "upgrade", revision)
+def upgrade(url: str, revision: str = "head", *, create: bool = True) -> None:
+    """Upgrade to ``revision``; ``create=False`` refuses an SQLite file that does not exist yet."""
+    _run(url, "upgrade", revision, create=create)
 
 
 def downgrade(url: str, revision: str) -> None:
