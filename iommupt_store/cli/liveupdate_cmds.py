@@ -38,9 +38,7 @@ def preserve(ctx: Context, domain_id: int, token: int, session_name: str | None,
     if as_json:
         emit_json({"domain": domain_id, "token": f"{token:#x}", "descriptor": desc.model_dump(mode="json")})
     else:
-        render.result(
-            f"domain {domain_id} preserved under token {token:#x}: {_describe(desc.model_dump(mode='json'))}"
-        )
+        render.result(f"domain {domain_id} preserved under token {token:#x}: {_describe(desc.model_dump(mode='json'))}")
 
 
 @click.command(cls=Command)

@@ -166,9 +166,7 @@ def device_replace(ctx: Context, bdf: str, domain_id: int, owner: str | None, as
     if as_json:
         emit_json({"device": bdf, "domain": domain_id, "freed_domain": freed})
     else:
-        render.result(
-            f"device {bdf} now on domain {domain_id}" + (f"; restored domain {freed} freed" if freed else "")
-        )
+        render.result(f"device {bdf} now on domain {domain_id}" + (f"; restored domain {freed} freed" if freed else ""))
 
 
 @device.command("detach")
