@@ -300,6 +300,13 @@ def test_the_walk_covers_every_command_and_parameter() -> None:
     assert sum(1 for c in CASES.values() if c.codes == {EXIT_USAGE}) > 200
 
 
+@pytest.mark.parametrize("path", list(COMMANDS), ids=["-".join(p) for p in COMMANDS])
+def test_every_command_has_help(path: tuple[str, ...]) -> None:
+    code, out, err = _invoke(*path, "--help")
+    assert (code, err) == (0, "")
+    assert f"Usage: iommupt-store {' '.join(path)}" in " ".join(out.split())
+
+
 # -- the issue's own examples, through the real entry point ------------------------------------------------
 
 

@@ -16,6 +16,8 @@ Two things cannot run as they would for a reader: ``pip install`` (the package
 under test is already installed in this environment, from this checkout; the
 line is shown as skipped) and running this project's own test suite from
 inside it (``python -m pytest`` without a test file is skipped the same way).
+Other people's tools the README uses (``sqlite3``, ``jq``) are skipped where
+they are not installed.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ _ERRNO = re.compile(r"^(E[A-Z0-9]+):")
 
 #: shell functions standing in for what cannot run here (see the module docstring)
 PRELUDE = """
+command_not_found_handle() {
+    case "$1" in
+        sqlite3|jq) echo "(README test: '$1' is not installed here: skipped)" >&2; return 0 ;;
+        *) echo "bash: $1: command not found" >&2; return 127 ;;
+    esac
+}
 pip() { echo "(README test: 'pip $*' skipped: this checkout is installed already)" >&2; }
 python() {
     if [ "$1" = -m ] && [ "$2" = pytest ] && ! printf '%s\\n' "$@" | grep -q '\\.py$'; then

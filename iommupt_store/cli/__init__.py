@@ -49,6 +49,7 @@ class RootGroup(Group):
 
 
 @click.group(
+    "iommupt-store",
     cls=RootGroup,
     epilog=EPILOG,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
