@@ -63,6 +63,17 @@ def test_control_characters_stored_by_hand_are_shown_escaped(cli: InvokeCli, db_
     assert "evil\\x1b[2J\\nname" in r.stdout
 
 
+def test_a_terminal_that_cannot_show_a_name_gets_escapes(run_cli: RunCli, db_path: Path) -> None:
+    ascii_only = {"PYTHONIOENCODING": "ascii"}
+    r = run_cli("-m", "café ☕", "init", "--mem", "16M", env=ascii_only)
+    assert r.returncode == 0, r.stderr
+    assert [row[1] for row in sqlite_dump(db_path)["machine"]] == ["café ☕"]
+    for args in (["status"], ["-m", "café ☕", "session", "create", "s☕"], ["-m", "café ☕", "sessions"]):
+        r = run_cli(*args, env=ascii_only)
+        assert r.returncode == 0, (args, r.stderr)
+        assert "☕" in r.stdout or "\\u2615" in r.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

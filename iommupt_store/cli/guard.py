@@ -32,6 +32,13 @@ def fail(err: IommuptError) -> NoReturn:
 
 def run(main: Callable[[], Any]) -> NoReturn:
     """Run click's ``main`` (in non-standalone mode) and turn every outcome into an exit code."""
+    for stream in (sys.stdout, sys.stderr):
+        # a terminal that cannot show a character (say, an ASCII locale) gets an escape, not a crash
+        # after the command has committed its work
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):
+                reconfigure(errors="backslashreplace")
     try:
         rv = main()
     except IommuptError as e:
