@@ -20,6 +20,7 @@ from .db.models import Domain as DomainRow
 from .domains import get_domain, hardware_walker
 from .errors import Busy, InvalidArgument, NotFound, NotPermitted
 from .machine import Transaction
+from .names import check_owner, describe_owner
 from .pagetable.walker import HardwareWalker
 from .reports import DeviceInfo
 
@@ -117,10 +118,12 @@ def _pick_did(tx: Transaction, domain_id: int, did: int | None) -> int:
 def attach(tx: Transaction, bdf: str, domain_id: int, *, owner: str | None = None, did: int | None = None) -> None:
     """Attach the device (created on first use) to a live domain."""
     bdf = parse_bdf(bdf)
+    if owner is not None:
+        check_owner(owner)
     row = _row(tx, bdf)
     if row is not None:
         if row["owner"] and owner != row["owner"]:
-            raise NotPermitted(f"device {bdf} is owned by {row['owner']!r}, not {owner!r}")
+            raise NotPermitted(f"device {bdf} is owned by {row['owner']!r}, not {describe_owner(owner)}")
         if preserved_in_this_boot(tx, row["id"]):
             raise Busy(f"device {bdf} is preserved for a live update: its attachment cannot change")
         if row["domain_id"] is not None and row["boot_id"] != tx.machine.boot_id:
@@ -153,7 +156,8 @@ def replace(tx: Transaction, bdf: str, domain_id: int, *, owner: str | None) -> 
     row = get_device(tx, bdf)
     bdf = row["bdf"]
     if owner != row["owner"]:
-        raise NotPermitted(f"device {bdf} is owned by {row['owner']!r}: {owner!r} may not replace its domain")
+        who = describe_owner(owner)
+        raise NotPermitted(f"device {bdf} is owned by {row['owner']!r}: {who} may not replace its domain")
     old_id = row["domain_id"]
     if old_id is None:
         raise InvalidArgument(f"device {bdf} is not attached: use 'device attach'")
@@ -176,7 +180,7 @@ def detach(tx: Transaction, bdf: str, *, owner: str | None) -> None:
     """Detach the device (its DMA is blocked); only its owner may, and not while preserved."""
     row = get_device(tx, bdf)
     if row["owner"] and owner != row["owner"]:
-        raise NotPermitted(f"device {row['bdf']} is owned by {row['owner']!r}, not {owner!r}")
+        raise NotPermitted(f"device {row['bdf']} is owned by {row['owner']!r}, not {describe_owner(owner)}")
     if preserved_in_this_boot(tx, row["id"]):
         raise Busy(f"device {row['bdf']} is preserved for a live update: its attachment cannot change")
     if row["domain_id"] is not None and row["boot_id"] != tx.machine.boot_id:

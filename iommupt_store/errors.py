@@ -2,7 +2,8 @@
 
 Every error names the kernel errno it models (``errno_name``) and the process
 exit code the CLI uses for it (``exit_code``): 1 for an operation that failed,
-65 for bad stored or serialized data, 75 for a busy database.
+65 for bad stored or serialized data, 75 for a busy database. 70 is kept for
+a bug in iommupt-store itself (an exception that is none of these).
 """
 
 from __future__ import annotations
@@ -13,7 +14,21 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_DATAERR = 65
+EXIT_SOFTWARE = 70
 EXIT_TEMPFAIL = 75
+
+#: the kernel's names where Python's errno.errorcode picks an alias for the same number
+#: (on Linux ENOTSUP == EOPNOTSUPP, EWOULDBLOCK == EAGAIN, EDEADLOCK == EDEADLK)
+_KERNEL_NAMES = {
+    _errno.EOPNOTSUPP: "EOPNOTSUPP",
+    _errno.EAGAIN: "EAGAIN",
+    _errno.EDEADLK: "EDEADLK",
+}
+
+
+def errno_name(number: int) -> str:
+    """The kernel's name for an errno number (``EIO`` for one we do not know)."""
+    return _KERNEL_NAMES.get(number) or _errno.errorcode.get(number, "EIO")
 
 
 class IommuptError(Exception):
@@ -24,7 +39,7 @@ class IommuptError(Exception):
 
     @property
     def errno_name(self) -> str:
-        return _errno.errorcode.get(self.errno, "EIO")
+        return errno_name(self.errno)
 
     def __str__(self) -> str:
         msg = super().__str__()
@@ -103,3 +118,11 @@ class KernelGone(IommuptError):
     """The boot this object belonged to has ended (after liveupdate or reboot)."""
 
     errno = _errno.ESHUTDOWN
+
+
+class StoreUnavailable(IommuptError):
+    """The database cannot be opened or reached (missing, a directory, refused, unreadable)."""
+
+    def __init__(self, message: str, errno: int = _errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = errno

@@ -13,6 +13,7 @@ from .db.models import Boot, Page
 from .db.models import Machine as MachineRow
 from .errors import AlreadyExists, InvalidArgument, NotFound
 from .memory import PAGE_SIZE
+from .names import check_machine_name
 from .reports import BootInfo, MachineStatus, StoreStatus
 
 if TYPE_CHECKING:
@@ -27,6 +28,13 @@ ENV_DB = "IOMMUPT_DB"
 def default_location() -> str:
     """``$IOMMUPT_DB`` if set, else ``./iommupt.db``."""
     return os.environ.get(ENV_DB) or DEFAULT_DB
+
+
+def check_mem_bytes(mem_bytes: int) -> int:
+    """A machine's memory: whole 4 KiB pages, from 2 MiB up to what the widest output address reaches."""
+    if mem_bytes < (2 << 20) or mem_bytes > MAX_MEM_BYTES or mem_bytes % PAGE_SIZE:
+        raise InvalidArgument(f"memory size {mem_bytes:#x} must be a multiple of 4096 between 2 MiB and 4 PiB")
+    return mem_bytes
 
 
 class Store:
@@ -58,10 +66,8 @@ class Store:
 
     # -- machines --------------------------------------------------------------
     def create_machine(self, name: str = DEFAULT_MACHINE, mem_bytes: int = DEFAULT_MEM_BYTES) -> None:
-        if not name or len(name) > 64 or not name.isprintable():
-            raise InvalidArgument(f"machine name {name!r} must be 1..64 printable characters")
-        if mem_bytes < (2 << 20) or mem_bytes > MAX_MEM_BYTES or mem_bytes % PAGE_SIZE:
-            raise InvalidArgument(f"memory size {mem_bytes} must be a multiple of 4096 between 2 MiB and 4 PiB")
+        check_machine_name(name)
+        check_mem_bytes(mem_bytes)
         with translate_db_errors(self.url), self.writer.begin() as conn:
             if conn.execute(select(MachineRow.id).where(MachineRow.name == name)).first():
                 raise AlreadyExists(f"machine {name!r} already exists")

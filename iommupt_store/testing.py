@@ -342,16 +342,14 @@ class BootRunner:
 
 
 def _parse_size(text: str) -> int:
-    """``4G``, ``64M``, ``0x100000``, ``1GiB`` ... as bytes."""
-    t = text.strip().replace("_", "").lower().removesuffix("ib").removesuffix("b")
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    mult = 1
-    if t and t[-1] in units and not t.startswith("0x"):
-        mult, t = units[t[-1]], t[:-1]
+    """``4G``, ``64M``, ``0x100000``, ``1GiB`` ... as bytes: the command line's own parser."""
+    from .errors import InvalidArgument
+    from .units import parse_number
+
     try:
-        return int(t, 0) * mult
-    except ValueError:
-        raise pytest.UsageError(f"iommupt: {text!r} is not a memory size (e.g. 4G, 64M, 0x10000000)") from None
+        return parse_number(text)
+    except InvalidArgument as e:
+        raise pytest.UsageError(f"iommupt: bad memory size: {e.args[0]}") from None
 
 
 def _locate(func: Callable[..., Any]) -> tuple[str, str, str | None]:

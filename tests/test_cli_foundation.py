@@ -26,8 +26,8 @@ from tests.conftest import InvokeCli, RunCli, one_error_line, sqlite_dump
 def test_init_creates_store_machine_and_boot(cli: InvokeCli, db_path: Path) -> None:
     r = cli("init", "--mem", "16M")
     assert r.exit_code == 0, r.output
-    assert r.stdout == ""
-    assert "machine 'default' created 16 MiB, boot 1" in r.stderr
+    assert r.stderr == ""
+    assert "machine 'default' created 16 MiB, boot 1" in r.stdout
     assert db_path.is_file()
     assert sqlite_dump(db_path)["machine"][0][1:3] == ("default", 16 << 20)
 
@@ -66,12 +66,12 @@ def test_status_json_shows_machines_boots_pages(cli: InvokeCli, db_path: Path) -
     assert by_name["b"]["pages_allocated"] == 0
 
 
-def test_status_human_output_goes_to_stderr(cli: InvokeCli) -> None:
+def test_status_table_goes_to_stdout(cli: InvokeCli) -> None:
     cli("init", "--mem", "4M")
     r = cli("status")
     assert r.exit_code == 0
-    assert r.stdout == ""
-    assert "default" in r.stderr and "running" in r.stderr
+    assert r.stderr == ""
+    assert "default" in r.stdout and "running" in r.stdout
 
 
 def test_status_of_one_machine(cli: InvokeCli) -> None:
@@ -105,9 +105,9 @@ def test_db_current_history_upgrade(cli: InvokeCli) -> None:
     assert hist[-1]["revision"] == migrate.head_revision()
     assert hist[0]["down_revision"] is None
     r = cli("db", "upgrade")
-    assert r.exit_code == 0 and "upgraded" in r.stderr
+    assert r.exit_code == 0 and "upgraded" in r.stdout
     human = cli("db", "history")
-    assert migrate.head_revision() in human.stderr
+    assert migrate.head_revision() in human.stdout
 
 
 def test_db_downgrade_then_commands_say_what_to_run(cli: InvokeCli) -> None:

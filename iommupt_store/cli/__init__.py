@@ -1,18 +1,21 @@
 """The ``iommupt-store`` command line: a thin layer over the library.
 
-Every command calls one library function; ``--json`` prints one JSON document
-on stdout, human output and progress go to stderr.
+Every command calls one library function. Its result (a table, a tree, a
+value, or one JSON document with ``--json``) goes to stdout; progress and
+diagnostics go to stderr (see ``render``); a failure is one line on stderr and
+an exit code (see ``guard``).
 """
 
 from __future__ import annotations
 
-import sys
+from typing import Any, NoReturn
 
 import click
 
-from ..errors import EXIT_DATAERR, EXIT_FAILURE, EXIT_TEMPFAIL, EXIT_USAGE, IommuptError
+from ..errors import EXIT_DATAERR, EXIT_FAILURE, EXIT_SOFTWARE, EXIT_TEMPFAIL, EXIT_USAGE
 from ..store import DEFAULT_MACHINE, ENV_DB
-from .common import Context, Group, fail
+from . import guard
+from .common import Context, Group
 from .db_cmds import db, fsck, init, status
 from .domain_cmds import COMMANDS as DOMAIN_COMMANDS
 from .liveupdate_cmds import COMMANDS as LIVEUPDATE_COMMANDS
@@ -27,6 +30,7 @@ Exit codes:
   {EXIT_FAILURE}   the operation failed (the kernel's errno is named in the message)
   {EXIT_USAGE}   usage error (bad option or argument)
   {EXIT_DATAERR}  bad data: invalid descriptor, tampered frame, foreign or outdated database
+  {EXIT_SOFTWARE}  internal error: a bug in iommupt-store (please report it)
   {EXIT_TEMPFAIL}  the database stayed locked by another process (try again)
 
 \b
@@ -36,8 +40,17 @@ a bare path is an SQLite file, anything with :// is an SQLAlchemy URL
 """
 
 
+class RootGroup(Group):
+    """The top-level group: every run ends through ``guard.run``, in the shell and under CliRunner alike."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, *a: Any, **kw: Any) -> NoReturn:
+        kw["standalone_mode"] = False
+        guard.run(lambda: super(RootGroup, self).main(args, prog_name, *a, **kw))
+
+
 @click.group(
-    cls=Group,
+    "iommupt-store",
+    cls=RootGroup,
     epilog=EPILOG,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
@@ -77,8 +90,4 @@ for _cmd in DOMAIN_COMMANDS + LIVEUPDATE_COMMANDS + SESSION_COMMANDS:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cli.main(args=argv, prog_name="iommupt-store", standalone_mode=True)
-    except IommuptError as e:  # raised while click was not looking (e.g. in a callback)
-        fail(e)
-    sys.exit(0)
+    cli.main(args=argv, prog_name="iommupt-store")

@@ -1,19 +1,22 @@
-"""Shared CLI plumbing: the context object, output helpers, error mapping."""
+"""Shared CLI plumbing: the context object, the parameter types, the command classes."""
 
 from __future__ import annotations
 
-import json
-import sys
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import click
-from pydantic import BaseModel
-from rich.console import Console
 
 from ..errors import IommuptError
+from ..formats.base import Prot
 from ..machine import Machine
 from ..store import DEFAULT_MACHINE, Store
+from ..units import I64_MAX, U64_MAX, parse_number
+from .guard import fail
+from .render import emit_json
+
+__all__ = ["emit_json"]
 
 
 @dataclass
@@ -35,9 +38,39 @@ class Context:
 
 pass_ctx = click.make_pass_decorator(Context)
 
+#: a token that can only be a negative number (click would take "-0x1000" for options -0 -x ...)
+_NEGATIVE = re.compile(r"-(?:0x[0-9a-f_]+|[0-9][0-9_]*\s*[kmgtpe]?(?:i?b)?)", re.IGNORECASE)
+
+
+class Command(click.Command):
+    """A command that names a negative number as such instead of as an unknown option."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not ctx.ignore_unknown_options:
+            takes_value = {o for p in self.params if isinstance(p, click.Option) and not p.is_flag for o in p.opts}
+            previous = None
+            for arg in args:
+                if arg == "--":
+                    break
+                if previous not in takes_value and _NEGATIVE.fullmatch(arg):
+                    raise click.UsageError(f"{arg}: negative numbers are not accepted (they start at 0)", ctx)
+                previous = arg
+        return super().parse_args(ctx, args)
+
 
 class Group(click.Group):
     """A group whose commands report our errors as one line and an exit code."""
+
+    command_class = Command
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        for arg in args:
+            try:
+                arg.encode()
+            except UnicodeEncodeError:
+                # bytes that are not UTF-8 can be neither stored nor matched against what is stored
+                raise click.UsageError(f"{arg!r} is not valid UTF-8 text", ctx) from None
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -46,51 +79,59 @@ class Group(click.Group):
             fail(e)
 
 
-#: human output goes to stderr so that stdout carries only ``--json`` documents
-err_console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+Group.group_class = Group
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 
 
-def emit_json(data: Any) -> None:
-    if isinstance(data, BaseModel):
-        click.echo(data.model_dump_json(indent=2))
-    else:
-        click.echo(json.dumps(data, indent=2, default=str))
+class Number(click.ParamType):  # type: ignore[type-arg]
+    """Addresses, sizes, tokens and ids: 0x..., decimal, or 4K/2M/1G/4GB/4GiB; never negative, bounded."""
+
+    name = "number"
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            return parse_number(str(value), maximum=self.maximum)
+        except IommuptError as e:
+            self.fail(str(e).split(": ", 1)[-1], param, ctx)
 
 
-def fail(err: IommuptError) -> None:
-    err_console.print(f"[bold red]error:[/] {err}", markup=True, soft_wrap=True)
-    sys.exit(err.exit_code)
+#: a 64-bit address, length or token
+INT = Number(U64_MAX)
+#: a row id (SQL BIGINT)
+ID = Number(I64_MAX)
+
+PROT_LETTERS = {
+    "r": Prot.READ,
+    "w": Prot.WRITE,
+    "c": Prot.CACHE,
+    "x": 0,  # executable is the default; the letter only says so
+    "n": Prot.NOEXEC,
+    "m": Prot.MMIO,
+    "p": Prot.PRIV,
+}
 
 
-def parse_int(text: str, what: str) -> int:
-    """Integers as a kernel engineer types them: 0x..., decimal, with K/M/G/T suffixes."""
-    t = text.strip().replace("_", "")
-    mult = 1
-    suffixes = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-    if t[-3:].lower() in ("kib", "mib", "gib", "tib", "pib"):
-        mult, t = suffixes[t[-3].lower()], t[:-3]
-    elif t and t[-1].lower() in suffixes and not t.lower().startswith("0x"):
-        mult, t = suffixes[t[-1].lower()], t[:-1]
-    try:
-        return int(t, 0) * mult
-    except ValueError:
-        raise click.BadParameter(
-            f"{text!r} is not a number (use 0x..., decimal or 4K/2M/1G)", param_hint=what
-        ) from None
+class ProtParam(click.ParamType):  # type: ignore[type-arg]
+    """Mapping permissions as letters: r, w, c (cache), x (executable, the default), n (noexec), m (mmio), p (priv)."""
 
-
-class IntParam(click.ParamType):  # type: ignore[type-arg]
-    """A click type for addresses and sizes (hex, decimal, K/M/G suffixes)."""
-
-    name = "int"
+    name = "prot"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
             return value
-        return parse_int(str(value), param.human_readable_name if param else "value")
+        text = str(value)
+        unknown = sorted({ch for ch in text if ch not in PROT_LETTERS})
+        if unknown or not text:
+            shown = ", ".join(repr(ch) for ch in unknown) or "none"
+            self.fail(f"unknown permission letter(s) {shown} in {text!r}: use r, w, c, x, n, m, p", param, ctx)
+        prot = 0
+        for ch in text:
+            prot |= PROT_LETTERS[ch]
+        return prot
 
 
-INT = IntParam()
+PROT = ProtParam()

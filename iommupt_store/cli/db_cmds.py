@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import click
 from click.core import ParameterSource
-from rich.table import Table
 
 from ..db import migrate
-from ..db.engine import resolve_url, translate_db_errors
-from ..store import DEFAULT_MEM_BYTES, Store, default_location
-from .common import INT, Context, Group, emit_json, err_console, json_option, pass_ctx
+from ..db.engine import resolve_url, shown_url, translate_db_errors
+from ..names import check_machine_name
+from ..store import DEFAULT_MEM_BYTES, Store, check_mem_bytes, default_location
+from ..units import format_size
+from . import render
+from .common import INT, Command, Context, Group, emit_json, json_option, pass_ctx
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option(
     "--mem",
     "mem_bytes",
@@ -26,33 +28,48 @@ from .common import INT, Context, Group, emit_json, err_console, json_option, pa
 def init(ctx: Context, mem_bytes: int, as_json: bool) -> None:
     """Create the database (or upgrade it) and the machine, if they are new.
 
+    An existing machine is kept as it is: init never resizes it (a different
+    --mem is reported and ignored).
+
     \b
     Example:
       iommupt-store --db lab.db --machine host1 init --mem 16G
     """
+    # refuse bad input before anything is created
+    check_machine_name(ctx.machine_name)
+    check_mem_bytes(mem_bytes)
     store = Store.init(ctx.db)
     ctx._store = store
     created = ctx.machine_name not in {m.name for m in store.status().machines}
     if created:
         store.create_machine(ctx.machine_name, mem_bytes)
     machine = store.machine(ctx.machine_name)
+    asked = click.get_current_context().get_parameter_source("mem_bytes") != ParameterSource.DEFAULT
+    ignored = asked and not created and mem_bytes != machine.mem_bytes
     result = {
-        "url": store.url,
+        "url": shown_url(store.url),
         "machine": machine.name,
         "created": created,
         "boot": machine.boot_number,
         "mem_bytes": machine.mem_bytes,
+        "mem_bytes_ignored": mem_bytes if ignored else None,
     }
+    if ignored:
+        render.note(
+            f"note: machine {machine.name!r} keeps its {format_size(machine.mem_bytes)}: "
+            f"init never resizes a machine (--mem {format_size(mem_bytes)} ignored)"
+        )
     if as_json:
         emit_json(result)
     else:
         verb = "created" if created else "already exists:"
-        err_console.print(
-            f"machine {machine.name!r} {verb} {machine.mem_bytes >> 20} MiB, boot {machine.boot_number}, in {store.url}"
+        render.result(
+            f"machine {machine.name!r} {verb} {machine.mem_bytes >> 20} MiB, boot {machine.boot_number}, "
+            f"in {shown_url(store.url)}"
         )
 
 
-@click.command()
+@click.command(cls=Command)
 @json_option
 @pass_ctx
 def status(ctx: Context, as_json: bool) -> None:
@@ -75,21 +92,25 @@ def status(ctx: Context, as_json: bool) -> None:
     if as_json:
         emit_json(st)
         return
-    table = Table(title=f"{st.url} (schema {st.revision})")
-    for col in ("machine", "memory", "boot", "state", "pages used", "boots so far"):
-        table.add_column(col)
+    rows = []
     for m in st.machines:
         cur = m.current_boot
         state = "running" if cur and cur.end_kind is None else f"ended ({cur.end_kind})" if cur else "never booted"
-        table.add_row(
-            m.name,
-            f"{m.mem_bytes >> 20} MiB",
-            str(cur.number if cur else "-"),
-            state,
-            f"{m.pages_allocated} ({m.bytes_allocated >> 10} KiB)",
-            str(len(m.boots)),
+        rows.append(
+            (
+                m.name,
+                f"{m.mem_bytes >> 20} MiB",
+                cur.number if cur else "-",
+                state,
+                f"{m.pages_allocated} ({m.bytes_allocated >> 10} KiB)",
+                len(m.boots),
+            )
         )
-    err_console.print(table)
+    render.table(
+        ("machine", "memory", "boot", "state", "pages used", "boots so far"),
+        rows,
+        title=f"{shown_url(st.url)} (schema {st.revision})",
+    )
 
 
 @click.group(cls=Group)
@@ -98,16 +119,20 @@ def db() -> None:
 
 
 def _url(ctx: Context) -> str:
-    return resolve_url(ctx.db or default_location())
+    return resolve_url(ctx.db if ctx.db is not None else default_location())
 
 
 @db.command()
 @click.argument("revision", default="head")
 @pass_ctx
 def upgrade(ctx: Context, revision: str) -> None:
-    """Upgrade the schema (and stored descriptors) to REVISION (default: head)."""
-    migrate.upgrade(_url(ctx), revision)
-    err_console.print(f"upgraded {_url(ctx)} to {revision}")
+    """Upgrade the schema (and stored descriptors) to REVISION (default: head).
+
+    Only an existing database is upgraded; 'init' creates a new one.
+    """
+    url = _url(ctx)
+    migrate.upgrade(url, revision, create=False)  # only 'init' creates a database
+    render.result(f"upgraded {shown_url(url)} to {revision}")
 
 
 @db.command(context_settings={"ignore_unknown_options": True})  # so that "-1" is a revision
@@ -115,8 +140,9 @@ def upgrade(ctx: Context, revision: str) -> None:
 @pass_ctx
 def downgrade(ctx: Context, revision: str) -> None:
     """Downgrade the schema to REVISION (e.g. -1, or a revision id; 'base' empties it)."""
-    migrate.downgrade(_url(ctx), revision)
-    err_console.print(f"downgraded {_url(ctx)} to {revision}")
+    url = _url(ctx)
+    migrate.downgrade(url, revision)
+    render.result(f"downgraded {shown_url(url)} to {revision}")
 
 
 @db.command()
@@ -135,12 +161,12 @@ def current(ctx: Context, as_json: bool) -> None:
         engine.dispose()
     head = migrate.head_revision()
     newer = rev is not None and rev not in migrate.known_revisions()
-    data = {"url": url, "current": rev, "head": head, "up_to_date": rev == head, "newer": newer}
+    data = {"url": shown_url(url), "current": rev, "head": head, "up_to_date": rev == head, "newer": newer}
     if as_json:
         emit_json(data)
     else:
         note = "" if rev == head else " (written by a newer iommupt-store)" if newer else " (upgrade needed)"
-        err_console.print(f"{url}: revision {rev or '(none)'}; head {head}{note}")
+        render.result(f"{shown_url(url)}: revision {rev or '(none)'}; head {head}{note}")
 
 
 @db.command()
@@ -152,10 +178,10 @@ def history(as_json: bool) -> None:
         emit_json(revs)
         return
     for r in revs:
-        err_console.print(f"{r['revision']}  (from {r['down_revision'] or 'base'})  {r['message']}")
+        render.result(f"{r['revision']}  (from {r['down_revision'] or 'base'})  {r['message']}")
 
 
-@click.command()
+@click.command(cls=Command)
 @json_option
 @pass_ctx
 def fsck(ctx: Context, as_json: bool) -> None:
@@ -176,8 +202,8 @@ def fsck(ctx: Context, as_json: bool) -> None:
         emit_json(report)
     else:
         for p in report.problems:
-            err_console.print(f"[red]problem:[/] {p}")
-        err_console.print(
+            render.result(f"problem: {p}")
+        render.result(
             f"machine {report.machine!r}, boot {report.boot}: {report.domains_checked} domain(s) checked, "
             + ("no problems" if report.ok else f"{len(report.problems)} problem(s)")
         )

@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
 from rich.tree import Tree
 
 from ..domains import DEFAULTS, domain_alloc, get_domain, list_domains
 from ..formats import FORMATS
-from ..formats.base import Feature, Prot
+from ..formats.base import Feature
 from ..pagetable.walker import TableInfo
 from ..reports import TranslationInfo
-from .common import INT, Context, Group, emit_json, err_console, json_option, out_console, pass_ctx
+from ..units import format_size as _size
+from . import render
+from .common import ID, INT, PROT, Command, Context, Group, Number, emit_json, json_option, pass_ctx
 
-PROT_LETTERS = {"r": Prot.READ, "w": Prot.WRITE, "c": Prot.CACHE, "x": 0, "n": Prot.NOEXEC, "m": Prot.MMIO}
-
-
-def parse_prot(text: str) -> int:
-    prot = 0
-    for ch in text.lower():
-        if ch not in PROT_LETTERS:
-            raise click.BadParameter(f"unknown permission letter {ch!r} (use r, w, c, n, m)", param_hint="--prot")
-        prot |= PROT_LETTERS[ch]
-    return prot
-
-
-def _size(n: int) -> str:
-    for unit, shift in (("P", 50), ("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift}{unit}"
-    return f"{n:#x}"
+#: geometry options (levels, bit widths) are small numbers; the format checks the exact range
+SMALL = Number(255)
 
 
 @click.group(cls=Group)
@@ -39,9 +25,9 @@ def domain() -> None:
 
 @domain.command("create")
 @click.argument("format", type=click.Choice(sorted(FORMATS)))
-@click.option("--top-level", type=int, help="Top level (amdv1: starting level 1..5; x86_64: 3..4; vtdss: 2..4).")
-@click.option("--vasz", type=int, help="Hardware VA width in bits (riscv: 39, 48 or 57 selects Sv39/48/57).")
-@click.option("--oasz", type=int, help="Hardware output-address width in bits (default: the format's maximum).")
+@click.option("--top-level", type=SMALL, help="Top level (amdv1: starting level 1..5; x86_64: 3..4; vtdss: 2..4).")
+@click.option("--vasz", type=SMALL, help="Hardware VA width in bits (riscv: 39, 48 or 57 selects Sv39/48/57).")
+@click.option("--oasz", type=SMALL, help="Hardware output-address width in bits (default: the format's maximum).")
 @click.option(
     "--feature",
     "features",
@@ -85,15 +71,15 @@ def create(
     if as_json:
         emit_json(info)
     else:
-        err_console.print(
+        render.note(
             f"domain {info.id}: {info.format}, top level {info.top_level} at {info.top_phys:#x}, "
             f"{info.range_vasz_lg2}-bit VA, page sizes {info.pgsize_bitmap:#x}"
         )
-        out_console.print(info.id)
+        render.result(info.id)
 
 
 @domain.command("free")
-@click.argument("domain_id", type=int)
+@click.argument("domain_id", type=ID)
 @json_option
 @pass_ctx
 def free(ctx: Context, domain_id: int, as_json: bool) -> None:
@@ -103,18 +89,24 @@ def free(ctx: Context, domain_id: int, as_json: bool) -> None:
     if as_json:
         emit_json({"domain": domain_id, "frames_freed": n})
     else:
-        err_console.print(f"domain {domain_id} freed: {n} table frame(s) released")
+        render.result(f"domain {domain_id} freed: {n} table frame(s) released")
 
 
-@click.command("map")
-@click.argument("domain_id", type=int)
+@click.command("map", cls=Command)
+@click.argument("domain_id", type=ID)
 @click.argument("iova", type=INT)
 @click.argument("paddr", type=INT)
 @click.argument("length", type=INT)
-@click.option("--prot", default="rw", show_default=True, help="Permissions: r, w, c (cache), n (noexec), m (mmio).")
+@click.option(
+    "--prot",
+    type=PROT,
+    default="rw",
+    show_default=True,
+    help="Permissions: r, w, c (cache), x (executable, the default), n (noexec), m (mmio), p (privileged).",
+)
 @json_option
 @pass_ctx
-def map_cmd(ctx: Context, domain_id: int, iova: int, paddr: int, length: int, prot: str, as_json: bool) -> None:
+def map_cmd(ctx: Context, domain_id: int, iova: int, paddr: int, length: int, prot: int, as_json: bool) -> None:
     """Map LENGTH bytes at IOVA to PADDR, choosing page sizes as the kernel does.
 
     \b
@@ -125,26 +117,24 @@ def map_cmd(ctx: Context, domain_id: int, iova: int, paddr: int, length: int, pr
     """
     with ctx.machine().transaction() as tx:
         dom = get_domain(tx, domain_id)
-        dom.map_range(iova, paddr, length, parse_prot(prot))
+        dom.map_range(iova, paddr, length, prot)
         frames = len(dom.pt.collect_tables())
     if as_json:
         emit_json(
             {"domain": domain_id, "iova": f"{iova:#x}", "paddr": f"{paddr:#x}", "length": length, "frames": frames}
         )
     else:
-        err_console.print(
-            f"mapped {_size(length)} at {iova:#x} -> {paddr:#x}; domain {domain_id} has {frames} frame(s)"
-        )
+        render.result(f"mapped {_size(length)} at {iova:#x} -> {paddr:#x}; domain {domain_id} has {frames} frame(s)")
 
 
-@click.command()
-@click.argument("domain_id", type=int)
+@click.command(cls=Command)
+@click.argument("domain_id", type=ID)
 @click.argument("iova", type=INT)
 @click.argument("length", type=INT)
 @json_option
 @pass_ctx
 def unmap(ctx: Context, domain_id: int, iova: int, length: int, as_json: bool) -> None:
-    """Unmap from IOVA; prints the bytes unmapped.
+    """Unmap from IOVA; prints the number of bytes unmapped, in hex.
 
     As in the kernel: whole pages only (unmapping the first 4K of a 2M page
     removes all 2M), the walk stops at the first hole, and a table is freed
@@ -155,12 +145,11 @@ def unmap(ctx: Context, domain_id: int, iova: int, length: int, as_json: bool) -
     if as_json:
         emit_json({"domain": domain_id, "iova": f"{iova:#x}", "length": length, "unmapped": n})
     else:
-        err_console.print(f"unmapped {n:#x} bytes")
-        out_console.print(n)
+        render.result(f"{n:#x}")
 
 
-@click.command()
-@click.argument("domain_id", type=int)
+@click.command(cls=Command)
+@click.argument("domain_id", type=ID)
 @click.argument("iovas", type=INT, nargs=-1, required=True)
 @click.option(
     "--engine",
@@ -199,11 +188,11 @@ def translate(ctx: Context, domain_id: int, iovas: tuple[int, ...], use_engine: 
         return
     for r in results:
         if r.phys is None:
-            out_console.print(f"{r.iova:#x} -> fault: {r.fault} (level {r.level})")
+            render.result(f"{r.iova:#x} -> fault: {r.fault} (level {r.level})")
         elif r.page_size:
-            out_console.print(f"{r.iova:#x} -> {r.phys:#x} ({_size(r.page_size)} page, level {r.level})")
+            render.result(f"{r.iova:#x} -> {r.phys:#x} ({_size(r.page_size)} page, level {r.level})")
         else:
-            out_console.print(f"{r.iova:#x} -> {r.phys:#x}")
+            render.result(f"{r.iova:#x} -> {r.phys:#x}")
 
 
 def _tree_json(t: TableInfo) -> dict[str, object]:
@@ -220,8 +209,8 @@ def _tree_json(t: TableInfo) -> dict[str, object]:
 
 def _add_rich(node: Tree, t: TableInfo, max_children: int) -> None:
     leaves = ", ".join(f"{v}x{_size(k)}" for k, v in sorted(t.leaves.items()))
-    label = f"[bold]L{t.level}[/] pfn {t.phys >> 12:#x}  iova {t.iova:#x}  {t.used}/512 used"
-    branch = node.add(label + (f"  leaves {leaves}" if leaves else ""))
+    label = f"L{t.level} pfn {t.phys >> 12:#x}  iova {t.iova:#x}  {t.used}/512 used"
+    branch = render.branch(node, label + (f"  leaves {leaves}" if leaves else ""))
     shown = t.children[:max_children]
     for c in shown:
         _add_rich(branch, c, max_children)
@@ -232,14 +221,15 @@ def _add_rich(node: Tree, t: TableInfo, max_children: int) -> None:
             for k, v in c.leaves.items():
                 n_leaves[k] = n_leaves.get(k, 0) + v
         sizes = ", ".join(f"{v}x{_size(k)}" for k, v in sorted(n_leaves.items()))
-        branch.add(
-            f"[dim]… {len(rest)} more level-{rest[0].level} tables" + (f" (leaves {sizes})" if sizes else "") + "[/]"
-        )
+        more = f"… {len(rest)} more level-{rest[0].level} tables"
+        render.branch(branch, more + (f" (leaves {sizes})" if sizes else ""))
 
 
-@click.command()
-@click.argument("domain_id", type=int)
-@click.option("--max-children", default=4, show_default=True, help="Child tables shown per table; the rest are summed.")
+@click.command(cls=Command)
+@click.argument("domain_id", type=ID)
+@click.option(
+    "--max-children", type=ID, default=4, show_default=True, help="Child tables shown per table; the rest are summed."
+)
 @json_option
 @pass_ctx
 def show(ctx: Context, domain_id: int, max_children: int, as_json: bool) -> None:
@@ -255,13 +245,13 @@ def show(ctx: Context, domain_id: int, max_children: int, as_json: bool) -> None
         f"domain {info.id} ({info.format}, {info.state}, boot {info.boot}): {info.frames} frame(s), "
         f"{info.range_vasz_lg2}-bit VA"
     )
-    root = Tree(title)
+    root = render.tree(title)
     if tree is not None:
         _add_rich(root, tree, max_children)
-    out_console.print(root)
+    render.show(root)
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--all", "include_freed", is_flag=True, help="Include freed domains.")
 @json_option
 @pass_ctx
@@ -272,22 +262,23 @@ def domains(ctx: Context, include_freed: bool, as_json: bool) -> None:
     if as_json:
         emit_json([i.model_dump(mode="json") for i in infos])
         return
-    table = Table()
-    for col in ("id", "format", "state", "boot", "top", "level", "VA bits", "frames", "page sizes"):
-        table.add_column(col)
-    for i in infos:
-        table.add_row(
-            str(i.id),
-            i.format,
-            i.state,
-            str(i.boot),
-            f"{i.top_phys:#x}" if i.top_phys is not None else "-",
-            str(i.top_level),
-            str(i.range_vasz_lg2),
-            str(i.frames),
-            f"{i.pgsize_bitmap:#x}",
-        )
-    out_console.print(table)
+    render.table(
+        ("id", "format", "state", "boot", "top", "level", "VA bits", "frames", "page sizes"),
+        (
+            (
+                i.id,
+                i.format,
+                i.state,
+                i.boot,
+                f"{i.top_phys:#x}" if i.top_phys is not None else "-",
+                i.top_level,
+                i.range_vasz_lg2,
+                i.frames,
+                f"{i.pgsize_bitmap:#x}",
+            )
+            for i in infos
+        ),
+    )
 
 
 COMMANDS = [domain, map_cmd, unmap, translate, show, domains]

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 
 import click
-from rich.table import Table
 
 from ..liveupdate import handover_report, liveupdate, preserve_domain, restore_domain, unpreserve_domain
 from ..liveupdate.sessions import preserve_domain_in_session
-from .common import INT, Context, emit_json, err_console, json_option, out_console, pass_ctx
+from ..names import check_machine_name
+from . import render
+from .common import ID, INT, Command, Context, emit_json, json_option, pass_ctx
 
 
-@click.command()
-@click.argument("domain_id", type=int)
+@click.command(cls=Command)
+@click.argument("domain_id", type=ID)
 @click.option("--token", type=INT, required=True, help="The u64 the next boot will restore it by.")
 @click.option("--session", "session_name", help="Hold it in this LUO session (see 'session create').")
 @json_option
@@ -37,11 +38,10 @@ def preserve(ctx: Context, domain_id: int, token: int, session_name: str | None,
     if as_json:
         emit_json({"domain": domain_id, "token": f"{token:#x}", "descriptor": desc.model_dump(mode="json")})
     else:
-        err_console.print(f"domain {domain_id} preserved under token {token:#x}")
-        out_console.print(desc.model_dump_json())
+        render.result(f"domain {domain_id} preserved under token {token:#x}: {_describe(desc.model_dump(mode='json'))}")
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--token", type=INT, required=True, help="The token the domain was preserved under.")
 @json_option
 @pass_ctx
@@ -52,10 +52,10 @@ def unpreserve(ctx: Context, token: int, as_json: bool) -> None:
     if as_json:
         emit_json({"domain": domain_id, "token": f"{token:#x}"})
     else:
-        err_console.print(f"domain {domain_id} unpreserved (token {token:#x})")
+        render.result(f"domain {domain_id} unpreserved (token {token:#x})")
 
 
-@click.command("liveupdate")
+@click.command("liveupdate", cls=Command)
 @json_option
 @pass_ctx
 def liveupdate_cmd(ctx: Context, as_json: bool) -> None:
@@ -70,13 +70,13 @@ def liveupdate_cmd(ctx: Context, as_json: bool) -> None:
     if as_json:
         emit_json(report)
     else:
-        err_console.print(
+        render.result(
             f"boot {report.boot} sealed: {report.domains} domain(s), {report.frames} frame(s) handed over; "
             "the next process starts a new boot"
         )
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--cold", is_flag=True, required=True, help="A cold reboot: nothing is handed over.")
 @json_option
 @pass_ctx
@@ -88,10 +88,10 @@ def reboot(ctx: Context, cold: bool, as_json: bool) -> None:
     if as_json:
         emit_json({"boot": number, "end": "cold"})
     else:
-        err_console.print(f"boot {number} ended (cold reboot); the next process starts boot {number + 1}")
+        render.result(f"boot {number} ended (cold reboot); the next process starts boot {number + 1}")
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--token", type=INT, required=True, help="The token the previous boot preserved the domain under.")
 @json_option
 @pass_ctx
@@ -103,8 +103,8 @@ def restore(ctx: Context, token: int, as_json: bool) -> None:
     if as_json:
         emit_json(info)
     else:
-        err_console.print(f"token {token:#x} restored as domain {info.id} ({info.format}, {info.frames} frame(s))")
-        out_console.print(info.id)
+        render.note(f"token {token:#x} restored as domain {info.id} ({info.format}, {info.frames} frame(s))")
+        render.result(info.id)
 
 
 def _describe(desc: dict[str, object]) -> str:
@@ -115,11 +115,11 @@ def _describe(desc: dict[str, object]) -> str:
             + (" sign-extended" if desc.get("sign_extend") else "")
             + f" (v{desc['version']})"
         )
-    except KeyError:
-        return json.dumps(desc)
+    except (KeyError, TypeError):
+        return json.dumps(desc, default=str)
 
 
-@click.command()
+@click.command(cls=Command)
 @json_option
 @pass_ctx
 def handover(ctx: Context, as_json: bool) -> None:
@@ -130,22 +130,24 @@ def handover(ctx: Context, as_json: bool) -> None:
         emit_json(report)
         return
     for title, entries in (("incoming (previous boot)", report.incoming), ("outgoing (this boot)", report.outgoing)):
-        table = Table(title=f"boot {report.boot}: {title}")
-        for col in ("token", "state", "domain", "restored as", "frames", "unclaimed", "descriptor"):
-            table.add_column(col)
-        for e in entries:
-            table.add_row(
-                f"{e.token:#x}",
-                e.state,
-                str(e.domain),
-                str(e.restored_domain or "-"),
-                str(e.frames),
-                str(e.unclaimed_frames),
-                _describe(e.descriptor),
-            )
-        out_console.print(table)
+        render.table(
+            ("token", "state", "domain", "restored as", "frames", "unclaimed", "descriptor"),
+            (
+                (
+                    f"{e.token:#x}",
+                    e.state,
+                    e.domain,
+                    e.restored_domain,
+                    e.frames,
+                    e.unclaimed_frames,
+                    _describe(e.descriptor),
+                )
+                for e in entries
+            ),
+            title=f"boot {report.boot}: {title}",
+        )
     if report.leaked_frames:
-        err_console.print(
+        render.result(
             f"{report.leaked_frames} preserved frame(s) not re-claimed in this boot: "
             "they stay reserved until the next boot"
         )
@@ -154,7 +156,7 @@ def handover(ctx: Context, as_json: bool) -> None:
 COMMANDS = [preserve, unpreserve, liveupdate_cmd, reboot, restore, handover]
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--machine-name", default="demo", show_default=True, help="Machine the demo (re)creates and uses.")
 @json_option
 @pass_ctx
@@ -182,27 +184,25 @@ def demo(ctx: Context, machine_name: str, as_json: bool) -> None:
     """
     from ..demo import run_demo
 
-    with err_console.status("running the live-update demo (two processes)…", spinner="dots"):
+    check_machine_name(machine_name)
+    with render.progress("running the live-update demo (two processes)…"):
         summary, phases = run_demo(ctx.db, machine_name)
     if as_json:
         emit_json({"summary": summary.model_dump(mode="json"), "phases": [p.model_dump(mode="json") for p in phases]})
     else:
-        table = Table(title=f"live update on machine {summary.machine!r} ({summary.db})")
-        for col in ("phase", "boot", "domains", "frames", "translations checked", "seconds"):
-            table.add_column(col)
-        for p in phases:
-            table.add_row(
-                p.phase, str(p.boot), str(p.domains), str(p.frames), str(p.translations_checked), f"{p.seconds:.3f}"
-            )
-        out_console.print(table)
-        out_console.print(
+        render.table(
+            ("phase", "boot", "domains", "frames", "translations checked", "seconds"),
+            ((p.phase, p.boot, p.domains, p.frames, p.translations_checked, f"{p.seconds:.3f}") for p in phases),
+            title=f"live update on machine {summary.machine!r} ({summary.db})",
+        )
+        render.result(
             f"formats: {', '.join(summary.formats)}\n"
             f"frames preserved {summary.frames_preserved}, re-claimed {summary.frames_reclaimed}, "
             f"leaked {summary.frames_leaked}, left after free {summary.frames_left_after_free}; "
             f"{summary.translations_checked} translations checked; total {summary.seconds['total']:.2f} s\n"
             f"session {summary.session!r}: {summary.devices_preserved} device(s) preserved, "
             f"{summary.devices_reattached} re-attached to their restored domains, then replaced and finished\n"
-            + ("[bold green]OK[/]: every translation survived the live update" if summary.ok else "[bold red]FAILED[/]")
+            + ("OK: every translation survived the live update" if summary.ok else "FAILED")
         )
     if not summary.ok:
         raise SystemExit(1)

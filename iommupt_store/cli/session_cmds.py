@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
 
 from ..devices import attach, detach, dma_walker, list_devices, parse_bdf, replace
 from ..liveupdate.sessions import (
@@ -14,10 +13,11 @@ from ..liveupdate.sessions import (
     preserve_device,
     retrieve_session,
 )
-from .common import INT, Context, Group, emit_json, err_console, json_option, out_console, pass_ctx
+from . import render
+from .common import ID, INT, Command, Context, Group, emit_json, json_option, pass_ctx
 
 
-@click.command()
+@click.command(cls=Command)
 @json_option
 @pass_ctx
 def sessions(ctx: Context, as_json: bool) -> None:
@@ -27,12 +27,10 @@ def sessions(ctx: Context, as_json: bool) -> None:
     if as_json:
         emit_json([i.model_dump(mode="json") for i in infos])
         return
-    table = Table()
-    for col in ("name", "created in boot", "state", "objects", "retrieved in boot"):
-        table.add_column(col)
-    for i in infos:
-        table.add_row(i.name, str(i.boot), i.state, str(i.objects), str(i.retrieved_in_boot or "-"))
-    out_console.print(table)
+    render.table(
+        ("name", "created in boot", "state", "objects", "retrieved in boot"),
+        ((i.name, i.boot, i.state, i.objects, i.retrieved_in_boot) for i in infos),
+    )
 
 
 @click.group(cls=Group)
@@ -58,7 +56,7 @@ def session_create(ctx: Context, name: str, as_json: bool) -> None:
     if as_json:
         emit_json({"session": name, "state": "open"})
     else:
-        err_console.print(f"session {name!r} created")
+        render.result(f"session {name!r} created")
 
 
 @session.command("close")
@@ -72,7 +70,7 @@ def session_close(ctx: Context, name: str, as_json: bool) -> None:
     if as_json:
         emit_json({"session": name, "unpreserved": n})
     else:
-        err_console.print(f"session {name!r} closed: {n} object(s) unpreserved")
+        render.result(f"session {name!r} closed: {n} object(s) unpreserved")
 
 
 @session.command("retrieve")
@@ -86,7 +84,7 @@ def session_retrieve(ctx: Context, name: str, as_json: bool) -> None:
     if as_json:
         emit_json(info)
     else:
-        err_console.print(f"session {name!r} retrieved: {info.objects} object(s)")
+        render.result(f"session {name!r} retrieved: {info.objects} object(s)")
 
 
 @session.command("finish")
@@ -104,7 +102,7 @@ def session_finish(ctx: Context, name: str, as_json: bool) -> None:
     if as_json:
         emit_json(report)
     else:
-        err_console.print(
+        render.result(
             f"session {name!r} finished: {len(report.domains_reclaimed)} domain(s) reclaimed, "
             f"{len(report.devices_reattached)} device(s) re-attached, "
             f"{len(report.never_reclaimed)} never reclaimed ({report.frames_never_reclaimed} frame(s))"
@@ -118,8 +116,8 @@ def device() -> None:
 
 @device.command("attach")
 @click.argument("bdf")
-@click.argument("domain_id", type=int)
-@click.option("--did", type=int, help="Hardware domain id to use (default: the domain's, or the lowest free).")
+@click.argument("domain_id", type=ID)
+@click.option("--did", type=ID, help="Hardware domain id to use (default: the domain's, or the lowest free).")
 @click.option("--owner", help="DMA owner (e.g. the VFIO user); only it may attach or replace later.")
 @json_option
 @pass_ctx
@@ -136,7 +134,7 @@ def device_attach(ctx: Context, bdf: str, domain_id: int, did: int | None, owner
     if as_json:
         emit_json(info)
     else:
-        err_console.print(f"device {info.bdf} attached to domain {domain_id} with domain id {info.did}")
+        render.result(f"device {info.bdf} attached to domain {domain_id} with domain id {info.did}")
 
 
 @device.command("preserve")
@@ -152,12 +150,12 @@ def device_preserve(ctx: Context, bdf: str, session_name: str, token: int, as_js
     if as_json:
         emit_json({"token": f"{token:#x}", "descriptor": desc.model_dump(mode="json")})
     else:
-        err_console.print(f"device {desc.bdf} preserved in session {session_name!r} (domain id {desc.did})")
+        render.result(f"device {desc.bdf} preserved in session {session_name!r} (domain id {desc.did})")
 
 
 @device.command("replace")
 @click.argument("bdf")
-@click.argument("domain_id", type=int)
+@click.argument("domain_id", type=ID)
 @click.option("--owner", help="Must be the device's preserving owner.")
 @json_option
 @pass_ctx
@@ -168,9 +166,7 @@ def device_replace(ctx: Context, bdf: str, domain_id: int, owner: str | None, as
     if as_json:
         emit_json({"device": bdf, "domain": domain_id, "freed_domain": freed})
     else:
-        err_console.print(
-            f"device {bdf} now on domain {domain_id}" + (f"; restored domain {freed} freed" if freed else "")
-        )
+        render.result(f"device {bdf} now on domain {domain_id}" + (f"; restored domain {freed} freed" if freed else ""))
 
 
 @device.command("detach")
@@ -185,7 +181,7 @@ def device_detach(ctx: Context, bdf: str, owner: str | None, as_json: bool) -> N
     if as_json:
         emit_json({"device": parse_bdf(bdf), "attached": False})
     else:
-        err_console.print(f"device {parse_bdf(bdf)} detached")
+        render.result(f"device {parse_bdf(bdf)} detached")
 
 
 @device.command("translate")
@@ -200,12 +196,12 @@ def device_translate(ctx: Context, bdf: str, iova: int, as_json: bool) -> None:
     if as_json:
         emit_json({"iova": f"{iova:#x}", "phys": None if t.phys is None else f"{t.phys:#x}", "fault": t.fault})
     elif t.phys is None:
-        out_console.print(f"{iova:#x} -> fault: {t.fault} (level {t.level})")
+        render.result(f"{iova:#x} -> fault: {t.fault} (level {t.level})")
     else:
-        out_console.print(f"{iova:#x} -> {t.phys:#x}")
+        render.result(f"{iova:#x} -> {t.phys:#x}")
 
 
-@click.command()
+@click.command(cls=Command)
 @json_option
 @pass_ctx
 def devices(ctx: Context, as_json: bool) -> None:
@@ -215,12 +211,10 @@ def devices(ctx: Context, as_json: bool) -> None:
     if as_json:
         emit_json([i.model_dump(mode="json") for i in infos])
         return
-    table = Table()
-    for col in ("device", "owner", "domain", "domain id", "attachment"):
-        table.add_column(col)
-    for i in infos:
-        table.add_row(i.bdf, i.owner or "-", str(i.domain or "-"), str(i.did or "-"), i.attachment)
-    out_console.print(table)
+    render.table(
+        ("device", "owner", "domain", "domain id", "attachment"),
+        ((i.bdf, i.owner, i.domain, i.did, i.attachment) for i in infos),
+    )
 
 
 COMMANDS = [sessions, session, device, devices]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -10,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
-from ..errors import NotFound, SchemaError, StoreBusy
+from ..errors import InvalidArgument, NotFound, SchemaError, StoreBusy, StoreUnavailable
 
 DEFAULT_DB = "iommupt.db"
 BUSY_TIMEOUT_MS = 30_000
@@ -23,27 +24,59 @@ BUSY_TIMEOUT_MS = 30_000
 def resolve_url(url_or_path: str | os.PathLike[str]) -> str:
     """A bare path means SQLite; anything with ``://`` is an SQLAlchemy URL."""
     text = os.fspath(url_or_path)
+    if not text.strip():
+        raise InvalidArgument("the database location is empty: give a file path or a URL")
     if "://" in text:
+        parse_url(text)  # refuse a malformed URL or an unknown scheme now, before anything is opened
         return text
     return f"sqlite:///{Path(text).expanduser().absolute()}"
 
 
+def parse_url(url: str) -> URL:
+    """``url`` parsed, with a dialect this installation can load; InvalidArgument otherwise."""
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect()
+    except NoSuchModuleError:
+        scheme = url.split("://", 1)[0]
+        raise InvalidArgument(
+            f"unknown database URL scheme {scheme!r}: use a file path, sqlite:///PATH or postgresql+psycopg://..."
+        ) from None
+    except (ArgumentError, ValueError) as e:
+        raise InvalidArgument(f"{url!r} is not a database URL ({e})") from None
+    return parsed
+
+
+def shown_url(url: str) -> str:
+    """``url`` for messages: never with its password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return url
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file behind an SQLite URL, or None for other databases and ``:memory:``."""
-    u = make_url(url)
+    u = parse_url(url)
     if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
         return None
     return Path(u.database)
 
 
 def _prepare_sqlite_file(path: Path, create: bool) -> None:
+    if path.is_dir():
+        raise StoreUnavailable(f"cannot use {path} as a database: it is a directory", errno.EISDIR)
     if not path.parent.is_dir():
         raise NotFound(f"cannot open database {path}: directory {path.parent} does not exist")
     if not create and not path.exists():
         raise NotFound(f"no database at {path}: run 'iommupt-store init' to create it")
     # A new store is private to its user: create it 0600 before SQLite does (0644).
-    with contextlib.suppress(FileExistsError):
+    try:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StoreUnavailable(f"cannot create database {path}: {e.strerror}", e.errno or errno.EIO) from None
 
 
 def _is_new_or_ours(cur: sqlite3.Cursor) -> bool:
@@ -61,8 +94,11 @@ def make_engine(url: str, *, foreign_keys: bool = True, create: bool = True) -> 
     instead of creating an empty one.
     """
     path = sqlite_path(url)
-    if path is None and make_url(url).get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+    if path is None and parse_url(url).get_backend_name() != "sqlite":
+        try:
+            return create_engine(url, pool_pre_ping=True)
+        except ImportError as e:  # a known dialect whose driver is not installed
+            raise InvalidArgument(f"{shown_url(url)} needs a database driver that is not installed ({e})") from None
     if path is not None:
         _prepare_sqlite_file(path, create)
     # NullPool: each process opens its own connection; nothing survives a fork.
@@ -100,18 +136,48 @@ def writer(engine: Engine) -> Engine:
     return engine
 
 
+#: driver messages (SQLite, PostgreSQL) that say the database cannot be reached or opened, and the errno
+_UNAVAILABLE = (
+    ("unable to open database file", errno.EACCES, "cannot open it (is the file readable and its directory writable?)"),
+    ("attempt to write a readonly database", errno.EROFS, "it is read-only"),
+    ("readonly database", errno.EROFS, "it is read-only"),
+    ("disk i/o error", errno.EIO, "disk I/O error"),
+    ("database or disk is full", errno.ENOSPC, "the disk is full"),
+    ("connection refused", errno.ECONNREFUSED, "connection refused (is the server running?)"),
+    ("could not translate host name", errno.EHOSTUNREACH, "unknown host"),
+    ("timeout expired", errno.ETIMEDOUT, "the server did not answer"),
+    ("authentication failed", errno.EACCES, "authentication failed"),
+    ("does not exist", errno.ENOENT, "the database does not exist"),
+    ("connection failed", errno.ECONNREFUSED, "cannot connect"),
+    ("could not connect", errno.ECONNREFUSED, "cannot connect"),
+)
+_DAMAGED = ("database disk image is malformed", "file is not a database", "file is encrypted", "malformed database")
+
+
 @contextlib.contextmanager
 def translate_db_errors(url: str) -> Iterator[None]:
-    """Turn driver errors that have a clear meaning into our errors."""
+    """Turn driver errors that have a clear meaning into our errors (with the exit codes they document)."""
     try:
         yield
-    except (OperationalError, DBAPIError) as e:
+    except DBAPIError as e:
         text = str(e.orig) if e.orig is not None else str(e)
-        if "database is locked" in text or "database is busy" in text:
-            raise StoreBusy(f"database {url} is locked by another process (waited {BUSY_TIMEOUT_MS} ms)") from e
-        if "file is not a database" in text or "file is encrypted" in text:
-            raise SchemaError(f"{url} is not an SQLite database") from e
+        low = text.lower()
+        where = shown_url(url)
+        if "database is locked" in low or "database is busy" in low or "database table is locked" in low:
+            raise StoreBusy(f"database {where} is locked by another process (waited {BUSY_TIMEOUT_MS} ms)") from e
+        if any(d in low for d in _DAMAGED):
+            first = text.strip().splitlines()[0] if text.strip() else "damaged"
+            raise SchemaError(f"{where} is not an SQLite database, or a damaged one ({first})") from e
+        if isinstance(e.orig, sqlite3.OperationalError) or e.connection_invalidated or _connecting(e):
+            for needle, code, meaning in _UNAVAILABLE:
+                if needle in low:
+                    raise StoreUnavailable(f"database {where}: {meaning}", code) from e
         raise
+
+
+def _connecting(e: DBAPIError) -> bool:
+    """Whether the driver failed while opening the connection (no statement was sent)."""
+    return e.statement is None
 
 
 def table_names(conn: Connection) -> set[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -99,10 +100,18 @@ def check_revision(conn: Connection, url: str) -> None:
     raise SchemaError(f"{url} is at revision {rev}, older than this version's {head}: run '{UPGRADE_HINT}'")
 
 
-def _run(url: str, action: str, revision: str) -> None:
+#: what Alembic accepts as a target: an id, head or base, optionally on a branch, optionally a relative step
+_REVISION = re.compile(r"(?:\w+@)?(?:\w+(?:[+-]\d+)?|[+-]\d+)")
+
+
+def _run(url: str, action: str, revision: str, *, create: bool = False) -> None:
+    if not _REVISION.fullmatch(revision):
+        raise InvalidArgument(
+            f"{revision!r} is not a schema revision (give a revision id, 'head', 'base' or a step such as -1)"
+        )
     # Migrations run with foreign keys off (SQLite's move-and-copy of a referenced
     # table fails otherwise) and are checked before commit instead.
-    engine = make_engine(url, foreign_keys=False, create=action == "upgrade")
+    engine = make_engine(url, foreign_keys=False, create=create)
     try:
         with translate_db_errors(url), engine.begin() as conn:
             from alembic import command
@@ -122,8 +131,9 @@ def _run(url: str, action: str, revision: str) -> None:
         engine.dispose()
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    _run(url, "upgrade", revision)
+def upgrade(url: str, revision: str = "head", *, create: bool = True) -> None:
+    """Upgrade to ``revision``; ``create=False`` refuses an SQLite file that does not exist yet."""
+    _run(url, "upgrade", revision, create=create)
 
 
 def downgrade(url: str, revision: str) -> None:

@@ -29,17 +29,16 @@ from ..descriptors import (
 from ..devices import bdf_fields, get_device, reattach_restored
 from ..errors import AlreadyExists, Busy, InvalidArgument, NotFound, NotPermitted
 from ..machine import Transaction
+from ..names import SESSION_NAME_BYTES, check_session_name
 from ..reports import FinishReport, SessionInfo
 from . import kho
 from .iommu import owner_tag, preserve_domain, unpreserve_domain
 
-MAX_NAME_BYTES = 63
+MAX_NAME_BYTES = SESSION_NAME_BYTES
 
 
 def _check_name(name: str) -> None:
-    size = len(name.encode())
-    if not 1 <= size <= MAX_NAME_BYTES or not name.isprintable():
-        raise InvalidArgument(f"session name {name!r} must be 1..{MAX_NAME_BYTES} bytes of printable text")
+    check_session_name(name)
 
 
 def _outgoing(tx: Transaction, name: str) -> Any:

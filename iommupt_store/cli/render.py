@@ -1,0 +1,108 @@
+"""Everything the command line prints goes through here.
+
+The rules: a command's result (a table, a tree, a value, a sentence, or JSON
+with ``--json``) goes to stdout; progress and diagnostics go to stderr. Text
+that came from a user or from the database (machine, session and owner names,
+descriptors) is printed literally: rich never interprets it as markup
+(``[bold]``), emoji codes (``:bus:``) or something to highlight, and characters
+that would drive the terminal (control characters) are shown escaped. So
+printing cannot fail, whatever a name holds, and a command that has committed
+its work always reports it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import click
+from pydantic import BaseModel
+from rich.console import Console, RenderableType
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+#: piped output is never folded: a long name stays on one line for grep and scripts
+_PIPE_WIDTH = 10_000
+
+
+def literal(text: object) -> str:
+    """``text`` as it is, except characters that would drive the terminal, shown as escapes."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in s)
+
+
+def _console(stderr: bool) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    tty = stream.isatty()
+    return Console(
+        file=stream,
+        markup=False,
+        emoji=False,
+        highlight=False,
+        width=None if tty else _PIPE_WIDTH,
+        color_system="auto" if tty else None,
+    )
+
+
+def result(text: object) -> None:
+    """One line (or several) of a command's result, on stdout."""
+    for line in str(text).split("\n"):
+        click.echo(literal(line))
+
+
+def note(text: object) -> None:
+    """A diagnostic or progress line, on stderr."""
+    for line in str(text).split("\n"):
+        click.echo(literal(line), err=True)
+
+
+def error(text: object) -> None:
+    """The one line a failed command leaves on stderr."""
+    click.echo("error: " + literal(" ".join(str(text).split("\n"))), err=True)
+
+
+def emit_json(data: Any) -> None:
+    """One JSON document on stdout: plain text, never wrapped or styled."""
+    if isinstance(data, BaseModel):
+        click.echo(data.model_dump_json(indent=2))
+    else:
+        click.echo(json.dumps(data, indent=2, default=str))
+
+
+def cell(value: object) -> Text:
+    """A table cell or tree label: literal text."""
+    return Text(literal("-" if value is None else value))
+
+
+def table(columns: Sequence[str], rows: Iterable[Sequence[object]], *, title: object | None = None) -> None:
+    """A table on stdout; every cell is literal text."""
+    t = Table(title=cell(title) if title is not None else None)
+    for col in columns:
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*(cell(v) for v in row))
+    show(t)
+
+
+def tree(label: object) -> Tree:
+    """The root of a tree to fill with ``branch`` and print with ``show``."""
+    return Tree(cell(label))
+
+
+def branch(node: Tree, label: object) -> Tree:
+    return node.add(cell(label))
+
+
+def show(renderable: RenderableType) -> None:
+    """A rich renderable built from ``cell``s (a table or a tree), on stdout."""
+    _console(stderr=False).print(renderable)
+
+
+def progress(message: str) -> Any:
+    """A spinner on stderr while a long step runs (a context manager)."""
+    return _console(stderr=True).status(literal(message), spinner="dots")
