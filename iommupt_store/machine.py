@@ -30,6 +30,17 @@ BootStartHook = Callable[["Transaction", int, str], None]
 BOOT_START_HOOKS: list[BootStartHook] = []
 
 
+def lock_machine_row(conn: Connection, machine_id: int) -> None:
+    """Serialize the writers of one machine until this transaction ends.
+
+    SQLite writers already hold the database's write lock (``BEGIN IMMEDIATE``);
+    elsewhere the machine row is locked ``FOR UPDATE``, so two processes that
+    both find the last boot ended cannot both start the next one.
+    """
+    if conn.dialect.name != "sqlite":
+        conn.execute(select(MachineRow.id).where(MachineRow.id == machine_id).with_for_update())
+
+
 class Transaction:
     """One unit of work on one machine's current boot."""
 
@@ -66,6 +77,8 @@ class Machine:
     def attach(cls, store: Store, name: str) -> Machine:
         with translate_db_errors(store.url), store.writer.begin() as conn:
             mid = store.machine_id(conn, name)
+            lock_machine_row(conn, mid)
+            # read after the lock: a process that started the new boot while we waited has committed it
             mem_bytes = conn.execute(select(MachineRow.mem_bytes).where(MachineRow.id == mid)).scalar_one()
             last = conn.execute(
                 select(Boot.id, Boot.number, Boot.end_kind)
@@ -108,9 +121,8 @@ class Machine:
         engine = self.store.writer if write else self.store.engine
         with translate_db_errors(self.store.url), engine.connect() as conn:
             with conn.begin() as dbtx:
-                if write and conn.dialect.name != "sqlite":
-                    # SQLite writers serialize with BEGIN IMMEDIATE; elsewhere lock the machine row
-                    conn.execute(select(MachineRow.id).where(MachineRow.id == self.id).with_for_update())
+                if write:
+                    lock_machine_row(conn, self.id)
                 self._check_current(conn)
                 tx = Transaction(self, conn)
                 yield tx
