@@ -19,7 +19,7 @@ from .db.models import Domain as DomainRow
 from .errors import BadData, Busy, NotFound, NotPermitted
 from .formats import get_format
 from .formats.base import Feature, Prot
-from .machine import Transaction
+from .machine import Transaction, atomic
 from .memory import PAGE_SHIFT, Memory
 from .pagetable.engine import PageTable, range_vasz
 from .pagetable.walker import HardwareWalker
@@ -76,10 +76,19 @@ class Domain:
         self.format: str = row["format"]
         self.state: str = row["state"]
         self.boot_id: int = row["boot_id"]
+        self._bind(pt)
+
+    def _bind(self, pt: PageTable | None) -> None:
         self._pt = pt
         self._dirty = False
         if pt is not None:
             pt.on_top_change = self._touch
+
+    def _reload(self, row: Any) -> None:
+        """Take the state the database holds (after a failed call was rolled back)."""
+        self.state = row["state"]
+        self.boot_id = row["boot_id"]
+        self._bind(None if row["state"] == "freed" else page_table_from_row(self.tx, row))
 
     def _touch(self) -> None:
         self._dirty = True
@@ -106,15 +115,18 @@ class Domain:
         return self.pt
 
     # -- operations -----------------------------------------------------------------
+    @atomic
     def map_range(self, iova: int, paddr: int, length: int, prot: int = Prot.READ | Prot.WRITE) -> None:
         self._require("map").map_range(iova, paddr, length, prot)
 
+    @atomic
     def unmap_range(self, iova: int, length: int) -> int:
         return self._require("unmap").unmap_range(iova, length)
 
     def iova_to_phys(self, iova: int) -> int:
         return self._require("iova_to_phys", allow_preserved=True).iova_to_phys(iova)
 
+    @atomic
     def free(self) -> int:
         """Release every table frame (``deinit``); the only operation a restored domain accepts."""
         if self.state == "preserved":
@@ -187,10 +199,25 @@ def _loaded(tx: Transaction) -> dict[int, Domain]:
             for d in domains.values():
                 d._write_back()
 
+        def reload() -> None:
+            rows = {
+                r["id"]: r
+                for r in tx.conn.execute(select(DomainRow.__table__).where(DomainRow.id.in_(list(domains))))
+                .mappings()
+                .all()
+            }
+            for domain_id in list(domains):
+                if domain_id in rows:
+                    domains[domain_id]._reload(rows[domain_id])
+                else:  # made by the call that failed
+                    del domains[domain_id]
+
         tx.before_flush.append(write_back)
+        tx.after_rollback.append(reload)
     return domains
 
 
+@atomic
 def domain_alloc(
     tx: Transaction,
     format: str,

@@ -28,7 +28,7 @@ from ..descriptors import (
 )
 from ..devices import bdf_fields, get_device, reattach_restored
 from ..errors import AlreadyExists, Busy, InvalidArgument, NotFound, NotPermitted
-from ..machine import Transaction
+from ..machine import Transaction, atomic
 from ..reports import FinishReport, SessionInfo
 from . import kho
 from .iommu import owner_tag, preserve_domain, unpreserve_domain
@@ -76,6 +76,7 @@ def _incoming(tx: Transaction, name: str) -> Any:
 
 
 # -- boot N ---------------------------------------------------------------------------------------
+@atomic
 def create_session(tx: Transaction, name: str) -> None:
     _check_name(name)
     exists = tx.conn.execute(
@@ -90,6 +91,7 @@ def create_session(tx: Transaction, name: str) -> None:
     )
 
 
+@atomic
 def preserve_domain_in_session(tx: Transaction, name: str, domain_id: int, token: int) -> DomainDescriptorV1:
     session = _outgoing(tx, name)
     if session["state"] != "open":
@@ -103,6 +105,7 @@ def preserve_domain_in_session(tx: Transaction, name: str, domain_id: int, token
     return desc
 
 
+@atomic
 def preserve_device(tx: Transaction, name: str, bdf: str, token: int) -> DeviceDescriptorV1:
     """Preserve a device's attachment in a session; its domain must be preserved in the same session."""
     session = _outgoing(tx, name)
@@ -149,6 +152,7 @@ def preserve_device(tx: Transaction, name: str, bdf: str, token: int) -> DeviceD
     return desc
 
 
+@atomic
 def close_session(tx: Transaction, name: str) -> int:
     """Close an outgoing session before the seal: everything in it is unpreserved."""
     session = _outgoing(tx, name)
@@ -192,6 +196,7 @@ def seal_sessions(tx: Transaction) -> None:
 
 
 # -- boot N+1 -----------------------------------------------------------------------------------
+@atomic
 def retrieve_session(tx: Transaction, name: str) -> SessionInfo:
     session = _incoming(tx, name)
     if session["state"] != "sealed":
@@ -230,6 +235,7 @@ def reattach_devices(tx: Transaction, session_id: int, domain_token: int, domain
     return done
 
 
+@atomic
 def finish_session(tx: Transaction, name: str) -> FinishReport:
     """Complete a retrieved session: all objects must be able to finish, else EBUSY and nothing changes."""
     session = _incoming(tx, name)
