@@ -19,7 +19,7 @@ from .db.models import Device, HandoverEntry
 from .db.models import Domain as DomainRow
 from .domains import get_domain, hardware_walker
 from .errors import Busy, InvalidArgument, NotFound, NotPermitted
-from .machine import Transaction
+from .machine import Transaction, atomic
 from .names import check_owner, describe_owner
 from .pagetable.walker import HardwareWalker
 from .reports import DeviceInfo
@@ -115,6 +115,7 @@ def _pick_did(tx: Transaction, domain_id: int, did: int | None) -> int:
     raise Busy("every domain id is in use")
 
 
+@atomic
 def attach(tx: Transaction, bdf: str, domain_id: int, *, owner: str | None = None, did: int | None = None) -> None:
     """Attach the device (created on first use) to a live domain."""
     bdf = parse_bdf(bdf)
@@ -147,6 +148,7 @@ def _attach_row(tx: Transaction, bdf: str, row: Any, domain_id: int, owner: str 
         tx.conn.execute(update(Device).where(Device.id == row["id"]).values(owner=row["owner"] or owner, **values))
 
 
+@atomic
 def replace(tx: Transaction, bdf: str, domain_id: int, *, owner: str | None) -> int | None:
     """Move a device from its restored domain to a new one (the "replace" flow).
 
@@ -176,6 +178,7 @@ def replace(tx: Transaction, bdf: str, domain_id: int, *, owner: str | None) -> 
     return None
 
 
+@atomic
 def detach(tx: Transaction, bdf: str, *, owner: str | None) -> None:
     """Detach the device (its DMA is blocked); only its owner may, and not while preserved."""
     row = get_device(tx, bdf)

@@ -16,10 +16,10 @@ from sqlalchemy import func, insert, select, update
 
 from .db.models import Boot, Device, Page
 from .db.models import Domain as DomainRow
-from .errors import BadData, Busy, NotFound, NotPermitted
+from .errors import BadData, Busy, InvalidArgument, NotFound, NotPermitted
 from .formats import get_format
-from .formats.base import Feature, Prot
-from .machine import Transaction
+from .formats.base import TABLE_ITEMS_LG2, Feature, PageTableFormat, Prot, item_lg2sz
+from .machine import Transaction, atomic
 from .memory import PAGE_SHIFT, Memory
 from .pagetable.engine import PageTable, range_vasz
 from .pagetable.walker import HardwareWalker
@@ -27,7 +27,8 @@ from .reports import DomainInfo
 
 OWNER = "iommupt"
 
-#: what ``domain create FORMAT`` gets without options: the common hardware setups
+#: what ``domain create FORMAT`` gets without options: the common hardware setups. Given only one
+#: of ``top_level`` and ``vasz``, a format with a fixed top derives the other (see ``domain_alloc``).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "amdv1": {"top_level": 2, "vasz": 64, "features": frozenset()},
     "x86_64": {"top_level": 3, "vasz": 48, "features": frozenset({Feature.SIGN_EXTEND})},
@@ -76,10 +77,19 @@ class Domain:
         self.format: str = row["format"]
         self.state: str = row["state"]
         self.boot_id: int = row["boot_id"]
+        self._bind(pt)
+
+    def _bind(self, pt: PageTable | None) -> None:
         self._pt = pt
         self._dirty = False
         if pt is not None:
             pt.on_top_change = self._touch
+
+    def _reload(self, row: Any) -> None:
+        """Take the state the database holds (after a failed call was rolled back)."""
+        self.state = row["state"]
+        self.boot_id = row["boot_id"]
+        self._bind(None if row["state"] == "freed" else page_table_from_row(self.tx, row))
 
     def _touch(self) -> None:
         self._dirty = True
@@ -106,15 +116,18 @@ class Domain:
         return self.pt
 
     # -- operations -----------------------------------------------------------------
+    @atomic
     def map_range(self, iova: int, paddr: int, length: int, prot: int = Prot.READ | Prot.WRITE) -> None:
         self._require("map").map_range(iova, paddr, length, prot)
 
+    @atomic
     def unmap_range(self, iova: int, length: int) -> int:
         return self._require("unmap").unmap_range(iova, length)
 
     def iova_to_phys(self, iova: int) -> int:
         return self._require("iova_to_phys", allow_preserved=True).iova_to_phys(iova)
 
+    @atomic
     def free(self) -> int:
         """Release every table frame (``deinit``); the only operation a restored domain accepts."""
         if self.state == "preserved":
@@ -187,10 +200,25 @@ def _loaded(tx: Transaction) -> dict[int, Domain]:
             for d in domains.values():
                 d._write_back()
 
+        def reload() -> None:
+            rows = {
+                r["id"]: r
+                for r in tx.conn.execute(select(DomainRow.__table__).where(DomainRow.id.in_(list(domains))))
+                .mappings()
+                .all()
+            }
+            for domain_id in list(domains):
+                if domain_id in rows:
+                    domains[domain_id]._reload(rows[domain_id])
+                else:  # made by the call that failed
+                    del domains[domain_id]
+
         tx.before_flush.append(write_back)
+        tx.after_rollback.append(reload)
     return domains
 
 
+@atomic
 def domain_alloc(
     tx: Transaction,
     format: str,
@@ -202,11 +230,24 @@ def domain_alloc(
 ) -> Domain:
     """Allocate a domain (``pt_iommu_<fmt>_init``) with its own top table.
 
-    Options left as None take the format's usual setup (``DEFAULTS``).
+    Without ``top_level`` and ``vasz`` the format's usual setup is built
+    (``DEFAULTS``). A format whose top is fixed (x86_64, vtdss, riscv) derives
+    one from the other: ``top_level`` alone selects the VA width its top
+    decodes (2 -> 39, 3 -> 48, 4 -> 57 bits), ``vasz`` alone the smallest top
+    that decodes it. amdv1 grows its top on demand: ``top_level`` is where it
+    starts and ``vasz`` the hardware's limit, each defaulted on its own.
+
+    ``features`` *replaces* the format's default features (x86_64 and riscv
+    default to ``SIGN_EXTEND``: pass it again to keep it); None keeps the
+    defaults. A format's force-enabled features are always added.
     """
     fmt = get_format(format)
     defaults = DEFAULTS[fmt.name]
-    feats = defaults["features"] if features is None else frozenset(Feature(f) for f in features)
+    try:
+        feats = defaults["features"] if features is None else frozenset(Feature(f) for f in features)
+    except ValueError as e:
+        raise InvalidArgument(f"{e}; features are {', '.join(f.value for f in Feature)}") from None
+    top_level, vasz = _geometry_request(fmt, top_level, vasz, feats)
     conn = tx.conn
     machine = tx.machine
     domain_id = conn.execute(
@@ -228,8 +269,8 @@ def domain_alloc(
     pt = PageTable.create(
         fmt,
         MemoryFrames(tx.memory, domain_id, incoherent=fmt.effective(Feature.DMA_INCOHERENT, feats)),
-        top_level=defaults["top_level"] if top_level is None else top_level,
-        hw_max_vasz_lg2=defaults["vasz"] if vasz is None else vasz,
+        top_level=top_level,
+        hw_max_vasz_lg2=vasz,
         hw_max_oasz_lg2=oasz,
         features=feats,
     )
@@ -249,6 +290,22 @@ def domain_alloc(
     dom = Domain(tx, row, pt)
     _loaded(tx)[domain_id] = dom
     return dom
+
+
+def _geometry_request(
+    fmt: PageTableFormat, top_level: int | None, vasz: int | None, features: frozenset[Feature]
+) -> tuple[int | None, int | None]:
+    """The (top_level, vasz) to build: the caller's, completed as ``domain_alloc`` documents."""
+    defaults = DEFAULTS[fmt.name]
+    if (top_level is None and vasz is None) or fmt.effective(Feature.DYNAMIC_TOP, features):
+        return (
+            defaults["top_level"] if top_level is None else top_level,
+            defaults["vasz"] if vasz is None else vasz,
+        )
+    if vasz is None and top_level is not None:
+        # a fixed top decodes exactly one width: asking for less would leave its upper entries unused
+        return top_level, min(fmt.max_va_lg2, TABLE_ITEMS_LG2 + item_lg2sz(top_level))
+    return top_level, vasz  # no top level: the format picks the smallest that decodes vasz
 
 
 def get_domain(tx: Transaction, domain_id: int) -> Domain:

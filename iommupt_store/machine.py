@@ -2,15 +2,18 @@
 
 Every operation runs in a ``Transaction``: one database transaction (writers
 take the write lock up front) with one ``Memory`` unit of work, flushed in
-bulk at commit. An exception anywhere rolls everything back.
+bulk at commit. An exception anywhere rolls everything back; each public API
+call that changes state is also all or nothing on its own (``atomic``), so a
+caller that catches its exception and commits keeps nothing of it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from sqlalchemy import Connection, delete, insert, select, update
 
@@ -30,6 +33,17 @@ BootStartHook = Callable[["Transaction", int, str], None]
 BOOT_START_HOOKS: list[BootStartHook] = []
 
 
+def lock_machine_row(conn: Connection, machine_id: int) -> None:
+    """Serialize the writers of one machine until this transaction ends.
+
+    SQLite writers already hold the database's write lock (``BEGIN IMMEDIATE``);
+    elsewhere the machine row is locked ``FOR UPDATE``, so two processes that
+    both find the last boot ended cannot both start the next one.
+    """
+    if conn.dialect.name != "sqlite":
+        conn.execute(select(MachineRow.id).where(MachineRow.id == machine_id).with_for_update())
+
+
 class Transaction:
     """One unit of work on one machine's current boot."""
 
@@ -43,11 +57,74 @@ class Transaction:
         self.after_commit: list[Callable[[], None]] = []
         #: per-transaction caches of the layers above (domains by id, ...)
         self.cache: dict[str, Any] = {}
+        #: run after ``atomic`` rolled a failed call back, e.g. to reload cached domains
+        self.after_rollback: list[Callable[[], None]] = []
+        self._atomic_depth = 0
 
     def flush(self) -> None:
         for fn in self.before_flush:
             fn()
         self.memory.flush()
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Make one API call all or nothing, even if the caller catches its exception and commits.
+
+        The unit of work is flushed and a savepoint opened; if the call raises,
+        the savepoint is rolled back and everything cached in memory (pages,
+        allocator, the layers' caches and callbacks added since) is dropped or
+        reloaded, so the transaction goes on from what the database holds.
+        Calls made from inside such a call share the outer savepoint.
+        """
+        if self._atomic_depth:
+            yield
+            return
+        # write what earlier calls left in memory, so the savepoint holds it (a no-op for a first call)
+        self.flush()
+        marks = (len(self.before_flush), len(self.after_commit), len(self.after_rollback), set(self.cache))
+        savepoint = self.conn.begin_nested()
+        self._atomic_depth += 1
+        try:
+            yield
+        except BaseException:
+            savepoint.rollback()
+            self._forget_since(*marks)
+            raise
+        else:
+            savepoint.commit()
+        finally:
+            self._atomic_depth -= 1
+
+    def _forget_since(self, n_before_flush: int, n_after_commit: int, n_after_rollback: int, keys: set[str]) -> None:
+        del self.before_flush[n_before_flush:]
+        del self.after_commit[n_after_commit:]
+        del self.after_rollback[n_after_rollback:]
+        for key in set(self.cache) - keys:
+            del self.cache[key]
+        self.memory.discard_cache()
+        for fn in self.after_rollback:
+            fn()
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def atomic(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a public API function that changes state: all or nothing per call (``Transaction.atomic``).
+
+    Its first argument is the ``Transaction`` or an object bound to one (``.tx``, e.g. a ``Domain``).
+    """
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        tx = args[0] if isinstance(args[0], Transaction) else getattr(args[0], "tx", None)
+        if not isinstance(tx, Transaction):
+            raise TypeError(f"{fn.__qualname__} needs a Transaction (or an object bound to one) first")
+        with tx.atomic():
+            return fn(*args, **kwargs)
+
+    return call
 
 
 class Machine:
@@ -66,6 +143,8 @@ class Machine:
     def attach(cls, store: Store, name: str) -> Machine:
         with translate_db_errors(store.url), store.writer.begin() as conn:
             mid = store.machine_id(conn, name)
+            lock_machine_row(conn, mid)
+            # read after the lock: a process that started the new boot while we waited has committed it
             mem_bytes = conn.execute(select(MachineRow.mem_bytes).where(MachineRow.id == mid)).scalar_one()
             last = conn.execute(
                 select(Boot.id, Boot.number, Boot.end_kind)
@@ -108,9 +187,8 @@ class Machine:
         engine = self.store.writer if write else self.store.engine
         with translate_db_errors(self.store.url), engine.connect() as conn:
             with conn.begin() as dbtx:
-                if write and conn.dialect.name != "sqlite":
-                    # SQLite writers serialize with BEGIN IMMEDIATE; elsewhere lock the machine row
-                    conn.execute(select(MachineRow.id).where(MachineRow.id == self.id).with_for_update())
+                if write:
+                    lock_machine_row(conn, self.id)
                 self._check_current(conn)
                 tx = Transaction(self, conn)
                 yield tx

@@ -121,6 +121,12 @@ class Memory:
         self._cache: dict[int, _CachedPage] = {}
         self._allocator: Allocator | None = None
 
+    def discard_cache(self) -> None:
+        """Forget every cached page and the allocator: the database is the truth again
+        (after a rollback to a savepoint taken right after a flush)."""
+        self._cache.clear()
+        self._allocator = None
+
     # -- allocation ------------------------------------------------------------
     @property
     def allocator(self) -> Allocator:

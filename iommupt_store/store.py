@@ -15,6 +15,7 @@ from .errors import AlreadyExists, InvalidArgument, NotFound
 from .memory import PAGE_SIZE
 from .names import check_machine_name
 from .reports import BootInfo, MachineStatus, StoreStatus
+from .units import parse_number
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -132,6 +133,27 @@ def open(
 
     A bare path is an SQLite file; a URL goes to SQLAlchemy. Without a location,
     ``$IOMMUPT_DB`` or ``./iommupt.db`` is used. ``upgrade=True`` first brings
-    an older schema to the current revision.
+    an older schema to the current revision. The store and the machine must
+    exist: ``create`` makes them.
     """
     return Store(url_or_path, upgrade=upgrade).machine(machine)
+
+
+def create(
+    url_or_path: str | os.PathLike[str] | None = None,
+    machine: str = DEFAULT_MACHINE,
+    *,
+    mem: int | str = DEFAULT_MEM_BYTES,
+) -> Machine:
+    """Create ``machine`` with ``mem`` of RAM and attach to its boot 1: a store ready to use in one call.
+
+    The database at ``url_or_path`` (as for ``open``) is created if it does not
+    exist, or brought to the current schema; the machine must be new
+    (``AlreadyExists`` otherwise: ``open`` it instead). ``mem`` is a number of
+    bytes or a size such as ``"4G"`` or ``"0x100000000"`` (K/M/G/T are powers of
+    1024), whole 4 KiB pages from 2 MiB up.
+    """
+    mem_bytes = parse_number(mem) if isinstance(mem, str) else mem  # a bad size creates nothing
+    store = Store.init(url_or_path)
+    store.create_machine(machine, mem_bytes)
+    return store.machine(machine)

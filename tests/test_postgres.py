@@ -6,6 +6,7 @@ when PostgreSQL is installed); each test gets a database of its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -22,8 +23,9 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
+@contextlib.contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    """A new, empty database on the test server (dropped afterwards); yields its URL."""
     psycopg = pytest.importorskip("psycopg")
     assert PG_URL
     admin = PG_URL.replace("postgresql+psycopg://", "postgresql://")
@@ -31,9 +33,17 @@ def pg_url() -> Iterator[str]:
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     base, _, _ = PG_URL.rpartition("/")
-    yield f"{base}/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with fresh_pg_database() as url:
+        yield url
 
 
 def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -36,7 +36,7 @@ from ..domains import Domain, domain_alloc, get_domain
 from ..errors import AlreadyExists, BadData, Busy, InvalidArgument, NotFound, NotPermitted
 from ..formats import get_format
 from ..formats.base import ITEMS_PER_TABLE, EntryType, Feature, item_lg2sz
-from ..machine import Transaction
+from ..machine import Transaction, atomic
 from ..memory import PAGE_SHIFT
 from . import kho
 
@@ -80,6 +80,7 @@ def preservation_problems(tx: Transaction, domain_id: int, reachable: set[int], 
 
 
 # -- preserve / unpreserve (boot N) --------------------------------------------------------
+@atomic
 def preserve_domain(tx: Transaction, domain_id: int, token: int) -> DomainDescriptorV1:
     """Preserve the domain's tables and hand its descriptor over under ``token``."""
     if not 0 <= token <= MAX_TOKEN:
@@ -123,6 +124,7 @@ def preserve_domain(tx: Transaction, domain_id: int, token: int) -> DomainDescri
     return desc
 
 
+@atomic
 def unpreserve_domain(tx: Transaction, token: int) -> int:
     """Undo ``preserve_domain`` for the entry with ``token``; returns the domain id."""
     row = tx.conn.execute(
@@ -277,6 +279,7 @@ def _check_against_old_domain(tx: Transaction, desc: DomainDescriptorV1, domain_
         )
 
 
+@atomic
 def restore_domain(tx: Transaction, token: int) -> Domain:
     """Restore the domain the previous boot preserved under ``token``: all or nothing."""
     from .sessions import reattach_devices, require_retrieved

@@ -16,7 +16,7 @@ from sqlalchemy import delete, insert, select, update
 
 from ..db.models import Boot, Preservation
 from ..errors import AlreadyExists, BadData, InvalidArgument, NotFound, NotPermitted
-from ..machine import Transaction
+from ..machine import Transaction, atomic
 
 _CHUNK = 500
 
@@ -57,6 +57,7 @@ def preserved_by(tx: Transaction, who: str, boot_id: int | None = None) -> dict[
     return {r.pfn: PreservedPage(*r) for r in tx.conn.execute(q).all()}
 
 
+@atomic
 def preserve_pages(tx: Transaction, pages: Iterable[tuple[int, int]], who: str) -> None:
     """Record ``(pfn, order)`` runs as handed over by this boot (``kho_preserve_folio``)."""
     pages = list(pages)
@@ -87,6 +88,7 @@ def preserve_pages(tx: Transaction, pages: Iterable[tuple[int, int]], who: str) 
         tx.conn.execute(insert(Preservation), rows)
 
 
+@atomic
 def unpreserve_pages(tx: Transaction, pages: Iterable[tuple[int, int]], who: str) -> None:
     """Drop this boot's records for exactly these runs; anything else is an error
     and no record is dropped (``kho_unpreserve_folio``)."""
@@ -125,6 +127,7 @@ def incoming_boot_id(tx: Transaction) -> int:
     return boot_id
 
 
+@atomic
 def restore_pages(tx: Transaction, pages: Sequence[tuple[int, int]], who: str | None = None) -> None:
     """Re-claim pages the previous boot preserved (``kho_restore_folio``), all or none.
 

@@ -28,7 +28,7 @@ from ..descriptors import (
 )
 from ..devices import bdf_fields, get_device, reattach_restored
 from ..errors import AlreadyExists, Busy, InvalidArgument, NotFound, NotPermitted
-from ..machine import Transaction
+from ..machine import Transaction, atomic
 from ..names import SESSION_NAME_BYTES, check_session_name
 from ..reports import FinishReport, SessionInfo
 from . import kho
@@ -75,6 +75,7 @@ def _incoming(tx: Transaction, name: str) -> Any:
 
 
 # -- boot N ---------------------------------------------------------------------------------------
+@atomic
 def create_session(tx: Transaction, name: str) -> None:
     _check_name(name)
     exists = tx.conn.execute(
@@ -89,6 +90,7 @@ def create_session(tx: Transaction, name: str) -> None:
     )
 
 
+@atomic
 def preserve_domain_in_session(tx: Transaction, name: str, domain_id: int, token: int) -> DomainDescriptorV1:
     session = _outgoing(tx, name)
     if session["state"] != "open":
@@ -102,6 +104,7 @@ def preserve_domain_in_session(tx: Transaction, name: str, domain_id: int, token
     return desc
 
 
+@atomic
 def preserve_device(tx: Transaction, name: str, bdf: str, token: int) -> DeviceDescriptorV1:
     """Preserve a device's attachment in a session; its domain must be preserved in the same session."""
     session = _outgoing(tx, name)
@@ -148,6 +151,7 @@ def preserve_device(tx: Transaction, name: str, bdf: str, token: int) -> DeviceD
     return desc
 
 
+@atomic
 def close_session(tx: Transaction, name: str) -> int:
     """Close an outgoing session before the seal: everything in it is unpreserved."""
     session = _outgoing(tx, name)
@@ -191,6 +195,7 @@ def seal_sessions(tx: Transaction) -> None:
 
 
 # -- boot N+1 -----------------------------------------------------------------------------------
+@atomic
 def retrieve_session(tx: Transaction, name: str) -> SessionInfo:
     session = _incoming(tx, name)
     if session["state"] != "sealed":
@@ -229,6 +234,7 @@ def reattach_devices(tx: Transaction, session_id: int, domain_token: int, domain
     return done
 
 
+@atomic
 def finish_session(tx: Transaction, name: str) -> FinishReport:
     """Complete a retrieved session: all objects must be able to finish, else EBUSY and nothing changes."""
     session = _incoming(tx, name)
