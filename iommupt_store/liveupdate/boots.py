@@ -21,7 +21,9 @@ from ..machine import BOOT_START_HOOKS, Machine, Transaction
 from ..memory import PAGE_SHIFT
 from ..reports import HandoverEntryInfo, HandoverReport, SealReport
 from . import kho
-from .iommu import incoming_entries, owner_tag, preservation_problems
+from .digests import owner_tag
+from .integrity import handover_problems, seal_handover
+from .iommu import descriptor_mismatches, incoming_entries, preservation_problems
 from .sessions import on_boot_start as on_session_boot_start
 from .sessions import seal_sessions
 
@@ -52,8 +54,9 @@ def check_preserved(tx: Transaction) -> tuple[int, int]:
         if dom.state != "preserved":
             raise SealRefused(f"{where}: domain {domain_id} is {dom.state}, not preserved")
         pt = dom.pt
-        if (desc.top_table_phys, desc.top_level, desc.vasz) != (pt.top_phys, pt.top_level, pt.range_vasz()):
-            raise SealRefused(f"{where}: the descriptor no longer matches domain {domain_id}'s top")
+        mismatches = descriptor_mismatches(tx.conn, tx.machine.id, desc, domain_id)
+        if mismatches:
+            raise SealRefused(f"{where}: the descriptor no longer matches domain {domain_id}: {mismatches[0]}")
         try:
             reachable = {phys >> PAGE_SHIFT for phys in pt.collect_tables()}
         except BadData as e:
@@ -62,6 +65,10 @@ def check_preserved(tx: Transaction) -> tuple[int, int]:
         if problems:
             raise SealRefused(f"{where}: {problems[0]}")
         frames += len(reachable)
+    # what no check above looks at (tokens, sessions, devices, preservation records) must be as written
+    problems = handover_problems(tx.conn, tx.machine.id, tx.machine.boot_id, sealed=False)
+    if problems:
+        raise SealRefused(problems[0])
     return len(entries), frames
 
 
@@ -70,6 +77,7 @@ def liveupdate(machine: Machine) -> SealReport:
     with machine.transaction() as tx:
         domains, frames = check_preserved(tx)
         seal_sessions(tx)
+        seal_handover(tx.conn, machine.id, machine.boot_id)
         pages = tx.conn.execute(
             select(func.count()).select_from(Preservation).where(Preservation.boot_id == machine.boot_id)
         ).scalar_one()

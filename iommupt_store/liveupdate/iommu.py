@@ -17,10 +17,9 @@ clean error that changes nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Connection, delete, insert, select, update
 
 from ..crash import crashpoint
 from ..db.models import Domain as DomainRow
@@ -38,27 +37,16 @@ from ..formats import get_format
 from ..formats.base import ITEMS_PER_TABLE, EntryType, Feature, item_lg2sz
 from ..machine import Transaction
 from ..memory import PAGE_SHIFT
+from ..pagetable.engine import range_vasz
 from . import kho
+from .digests import owner_tag
+from .integrity import StoredEntry, compute_digests, read_entries, restore_marker_problems, verify_handover
 
 MAX_TOKEN = (1 << 64) - 1
 
 
-def owner_tag(domain_id: int) -> str:
-    """The ``preserved_by`` of a domain's frames."""
-    return f"iommupt:domain/{domain_id}"
-
-
-@dataclass(frozen=True)
-class IncomingEntry:
-    id: int
-    token: int
-    compatible: str
-    descriptor: Any
-    domain_id: int | None
-    restored_boot_id: int | None
-    restored_domain_id: int | None
-    session_id: int | None
-    kind: str
+#: an entry of the previous boot's handover, as ``incoming_entries`` lists it
+IncomingEntry = StoredEntry
 
 
 def preservation_problems(tx: Transaction, domain_id: int, reachable: set[int], boot_id: int) -> list[str]:
@@ -80,8 +68,10 @@ def preservation_problems(tx: Transaction, domain_id: int, reachable: set[int], 
 
 
 # -- preserve / unpreserve (boot N) --------------------------------------------------------
-def preserve_domain(tx: Transaction, domain_id: int, token: int) -> DomainDescriptorV1:
-    """Preserve the domain's tables and hand its descriptor over under ``token``."""
+def preserve_domain(
+    tx: Transaction, domain_id: int, token: int, *, session_id: int | None = None
+) -> DomainDescriptorV1:
+    """Preserve the domain's tables and hand its descriptor over under ``token`` (in a session, if given)."""
     if not 0 <= token <= MAX_TOKEN:
         raise InvalidArgument(f"token {token} is not a u64")
     dom = get_domain(tx, domain_id)
@@ -109,16 +99,17 @@ def preserve_domain(tx: Transaction, domain_id: int, token: int) -> DomainDescri
         vasz=pt.range_vasz(),
         sign_extend=pt.sign_extend,
     )
-    tx.conn.execute(
-        insert(HandoverEntry).values(
-            machine_id=tx.machine.id,
-            boot_id=tx.machine.boot_id,
-            token=token,
-            compatible=DOMAIN_COMPATIBLE,
-            descriptor=dump_descriptor(desc),
-            domain_id=domain_id,
-        )
-    )
+    fields: dict[str, Any] = {
+        "machine_id": tx.machine.id,
+        "boot_id": tx.machine.boot_id,
+        "token": token,
+        "kind": "domain",
+        "compatible": DOMAIN_COMPATIBLE,
+        "descriptor": dump_descriptor(desc),
+        "domain_id": domain_id,
+        "session_id": session_id,
+    }
+    tx.conn.execute(insert(HandoverEntry).values(**fields, **compute_digests(tx.conn, **fields)))
     dom.set_state("preserved")
     return desc
 
@@ -154,29 +145,13 @@ def _require_own_boot(tx: Transaction, dom: Domain, op: str) -> None:
 
 
 # -- restore (boot N+1) ----------------------------------------------------------------------
-def incoming_entries(tx: Transaction) -> list[IncomingEntry]:
+def incoming_entries(tx: Transaction) -> list[StoredEntry]:
     """The handover of the previous boot (empty if it did not end with a live update)."""
     try:
         prev = kho.incoming_boot_id(tx)
     except NotFound:
         return []
-    h = HandoverEntry
-    rows = tx.conn.execute(
-        select(
-            h.id,
-            h.token,
-            h.compatible,
-            h.descriptor,
-            h.domain_id,
-            h.restored_boot_id,
-            h.restored_domain_id,
-            h.session_id,
-            h.kind,
-        )
-        .where(h.machine_id == tx.machine.id, h.boot_id == prev)
-        .order_by(h.token)
-    )
-    return [IncomingEntry(*r) for r in rows]
+    return read_entries(tx.conn, tx.machine.id, prev)
 
 
 def _find_incoming(tx: Transaction, token: int) -> IncomingEntry:
@@ -184,6 +159,7 @@ def _find_incoming(tx: Transaction, token: int) -> IncomingEntry:
     for entry in incoming_entries(tx):
         if entry.token == token:
             return entry
+    verify_handover(tx.conn, tx.machine.id, prev)
     older = tx.conn.execute(
         select(HandoverEntry.boot_id).where(
             HandoverEntry.machine_id == tx.machine.id, HandoverEntry.token == token, HandoverEntry.boot_id != prev
@@ -251,51 +227,88 @@ def _walk_preserved(
     return out
 
 
-def _check_against_old_domain(tx: Transaction, desc: DomainDescriptorV1, domain_id: int, token: int) -> None:
-    """The descriptor must describe the domain whose frames it hands over: same format, same sign extension
-    (either one changed makes the same frames translate other IOVAs, or decode as another format)."""
-    row = tx.conn.execute(
-        select(DomainRow.format, DomainRow.features).where(
-            DomainRow.id == domain_id, DomainRow.machine_id == tx.machine.id
-        )
+#: every field of a domain descriptor that says how its frames translate
+GEOMETRY_FIELDS = ("format", "top_table_phys", "top_level", "vasz", "sign_extend")
+
+
+def descriptor_mismatches(
+    conn: Connection,
+    machine_id: int,
+    desc: DomainDescriptorV1,
+    domain_id: int,
+    fields: tuple[str, ...] = GEOMETRY_FIELDS,
+) -> list[str]:
+    """How a domain descriptor differs from the preserved domain it names (its row keeps the geometry)."""
+    row = conn.execute(
+        select(DomainRow.__table__).where(DomainRow.id == domain_id, DomainRow.machine_id == machine_id)
     ).first()
     if row is None:
-        raise BadData(f"handover entry {token:#x} names domain {domain_id}, which does not exist")
-    if desc.format != row.format:
-        raise BadData(
-            f"descriptor of token {token:#x} says format {desc.format}, but domain {domain_id} is {row.format}"
-        )
-    fmt = get_format(row.format)
+        return [f"it names domain {domain_id}, which does not exist"]
     try:
-        old_se = fmt.effective(Feature.SIGN_EXTEND, frozenset(Feature(f) for f in row.features))
-    except ValueError as e:
-        raise BadData(f"domain {domain_id}: {e}") from e
-    if desc.sign_extend != old_se:
-        raise BadData(
-            f"descriptor of token {token:#x} has sign_extend={desc.sign_extend}, but domain {domain_id} "
-            f"{'is' if old_se else 'is not'} sign-extended"
-        )
+        fmt = get_format(row.format)
+        features = frozenset(Feature(f) for f in _feature_names(row.features, domain_id))
+    except (ValueError, NotFound) as e:
+        raise BadData(f"domain row {domain_id}: {e}") from e
+    if row.state != "preserved":
+        return [f"it names domain {domain_id}, which is {row.state}, not preserved"]
+    stored = {
+        "format": row.format,
+        "top_table_phys": row.top_phys,
+        "top_level": row.top_level,
+        "vasz": range_vasz(fmt, row.top_level, row.max_vasz_lg2, features),
+        "sign_extend": fmt.effective(Feature.SIGN_EXTEND, features),
+    }
+    return [
+        f"{field} is {_shown(getattr(desc, field))} but domain {domain_id} has {_shown(value)}"
+        for field, value in stored.items()
+        if field in fields and getattr(desc, field) != value
+    ]
+
+
+def _shown(value: object) -> str:
+    return hex(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0xFFFF else str(value)
+
+
+def _feature_names(value: object, domain_id: int) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(f, str) for f in value):
+        raise BadData(f"domain row {domain_id}: features {value!r} is not a list of feature names")
+    return value
+
+
+def _check_against_old_domain(
+    tx: Transaction, desc: DomainDescriptorV1, domain_id: int, token: int, fields: tuple[str, ...] = GEOMETRY_FIELDS
+) -> None:
+    """The descriptor must describe the domain whose frames it hands over, field by field: the same
+    frames under another format, top, level, VA size or sign extension translate other IOVAs."""
+    problems = descriptor_mismatches(tx.conn, tx.machine.id, desc, domain_id, fields)
+    if problems:
+        raise BadData(f"descriptor of token {token:#x}: {'; '.join(problems)}")
 
 
 def restore_domain(tx: Transaction, token: int) -> Domain:
     """Restore the domain the previous boot preserved under ``token``: all or nothing."""
     from .sessions import reattach_devices, require_retrieved
 
+    prev = kho.incoming_boot_id(tx)  # explains a cold reboot or a first boot
     entry = _find_incoming(tx, token)
     if entry.kind != "domain":
         raise InvalidArgument(f"token {token:#x} names a preserved {entry.kind}, not a domain")
+    markers = restore_marker_problems(tx.conn, entry, tx.machine.boot_id)
+    if markers:
+        raise BadData(markers[0])
     if entry.session_id is not None:
         require_retrieved(tx, entry.session_id)
     if entry.restored_boot_id is not None:
-        raise AlreadyExists(f"token {token:#x} has already been restored (as domain {entry.restored_domain_id})")
+        raise AlreadyExists(f"token {token:#x} has already been restored, as domain {entry.restored_domain_id}")
     if entry.compatible != DOMAIN_COMPATIBLE:
         raise BadData(f"handover entry {token:#x} has compatible {entry.compatible!r}: no handler for it")
     desc = parse_domain_descriptor(entry.descriptor, f"descriptor of token {token:#x}")
     _validate_geometry(desc)
     if entry.domain_id is None:
         raise BadData(f"handover entry {token:#x} names no domain")
-    _check_against_old_domain(tx, desc, entry.domain_id, token)
-    preserved = kho.preserved_by(tx, owner_tag(entry.domain_id), kho.incoming_boot_id(tx))
+    # a wrong format or sign extension would make the walk below decode the frames as something else
+    _check_against_old_domain(tx, desc, entry.domain_id, token, ("format", "sign_extend"))
+    preserved = kho.preserved_by(tx, owner_tag(entry.domain_id), prev)
     frames = _walk_preserved(tx, desc, preserved, entry.domain_id)
     unreached = sorted(set(preserved) - {pfn for pfn, _ in frames})
     if unreached:
@@ -305,6 +318,9 @@ def restore_domain(tx: Transaction, token: int) -> Domain:
             f"descriptor of token {token:#x} does not reach {len(unreached)} frame(s) preserved for domain "
             f"{entry.domain_id}: {[hex(p) for p in unreached[:4]]}"
         )
+    _check_against_old_domain(tx, desc, entry.domain_id, token)
+    # nothing is trusted that the previous boot did not record: the whole handover must match its seal
+    verify_handover(tx.conn, tx.machine.id, prev)
 
     # A fresh domain of the same format, whose own top is freed in favour of the preserved one.
     dom = domain_alloc(tx, desc.format)

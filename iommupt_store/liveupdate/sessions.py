@@ -31,7 +31,9 @@ from ..errors import AlreadyExists, Busy, InvalidArgument, NotFound, NotPermitte
 from ..machine import Transaction
 from ..reports import FinishReport, SessionInfo
 from . import kho
-from .iommu import owner_tag, preserve_domain, unpreserve_domain
+from .digests import owner_tag
+from .integrity import compute_digests
+from .iommu import preserve_domain, unpreserve_domain
 
 MAX_NAME_BYTES = 63
 
@@ -94,13 +96,7 @@ def preserve_domain_in_session(tx: Transaction, name: str, domain_id: int, token
     session = _outgoing(tx, name)
     if session["state"] != "open":
         raise NotPermitted(f"session {name!r} is {session['state']}")
-    desc = preserve_domain(tx, domain_id, token)
-    tx.conn.execute(
-        update(HandoverEntry)
-        .where(HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.token == token)
-        .values(session_id=session["id"])
-    )
-    return desc
+    return preserve_domain(tx, domain_id, token, session_id=session["id"])
 
 
 def preserve_device(tx: Transaction, name: str, bdf: str, token: int) -> DeviceDescriptorV1:
@@ -134,18 +130,17 @@ def preserve_device(tx: Transaction, name: str, bdf: str, token: int) -> DeviceD
         domain_token=dom_entry.token,
         owner=dev["owner"] or "",
     )
-    tx.conn.execute(
-        insert(HandoverEntry).values(
-            machine_id=tx.machine.id,
-            boot_id=tx.machine.boot_id,
-            token=token,
-            compatible=DEVICE_COMPATIBLE,
-            descriptor=dump_descriptor(desc),
-            kind="device",
-            device_id=dev["id"],
-            session_id=session["id"],
-        )
-    )
+    fields: dict[str, Any] = {
+        "machine_id": tx.machine.id,
+        "boot_id": tx.machine.boot_id,
+        "token": token,
+        "compatible": DEVICE_COMPATIBLE,
+        "descriptor": dump_descriptor(desc),
+        "kind": "device",
+        "device_id": dev["id"],
+        "session_id": session["id"],
+    }
+    tx.conn.execute(insert(HandoverEntry).values(**fields, **compute_digests(tx.conn, **fields)))
     return desc
 
 
