@@ -16,6 +16,7 @@ from sqlalchemy import func, insert, select, update
 
 from .db.models import Boot, Device, Page
 from .db.models import Domain as DomainRow
+from .db.rows import reads_stored_rows, required
 from .errors import BadData, Busy, NotFound, NotPermitted
 from .formats import get_format
 from .formats.base import Feature, Prot
@@ -137,7 +138,10 @@ class Domain:
         return hardware_walker(self.tx, self.id)
 
     def info(self) -> DomainInfo:
-        boot = self.tx.conn.execute(select(Boot.number).where(Boot.id == self.boot_id)).scalar_one()
+        boot = required(
+            self.tx.conn.execute(select(Boot.number).where(Boot.id == self.boot_id)).scalar(),
+            f"boot row {self.boot_id} (of domain {self.id})",
+        )
         # a freed domain's geometry comes from its stored row (no frames are touched)
         pt = self._pt or page_table_from_row(
             self.tx, self.tx.conn.execute(select(DomainRow.__table__).where(DomainRow.id == self.id)).mappings().one()
@@ -251,6 +255,7 @@ def domain_alloc(
     return dom
 
 
+@reads_stored_rows
 def get_domain(tx: Transaction, domain_id: int) -> Domain:
     """The domain with ``domain_id`` on this machine, in any state."""
     domains = _loaded(tx)
@@ -292,6 +297,7 @@ def page_table_from_row(tx: Transaction, row: Any) -> PageTable:
     )
 
 
+@reads_stored_rows
 def list_domains(tx: Transaction, *, include_freed: bool = False) -> list[DomainInfo]:
     q = select(DomainRow.id).where(DomainRow.machine_id == tx.machine.id).order_by(DomainRow.id)
     if not include_freed:
@@ -299,6 +305,7 @@ def list_domains(tx: Transaction, *, include_freed: bool = False) -> list[Domain
     return [get_domain(tx, i).info() for i in tx.conn.execute(q).scalars()]
 
 
+@reads_stored_rows
 def frame_counts(tx: Transaction) -> dict[int, int]:
     """Frames per domain as stored (flushes this transaction's changes first)."""
     tx.flush()
@@ -310,6 +317,7 @@ def frame_counts(tx: Transaction) -> dict[int, int]:
     return {d: n for d, n in rows if d is not None}
 
 
+@reads_stored_rows
 def hardware_walker(tx: Transaction, domain_id: int) -> HardwareWalker:
     """A walker that sees only what the database holds for the domain: its row
     and its frames' bytes (this transaction's changes are flushed first)."""

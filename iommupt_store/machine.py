@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, delete, insert, select, update
 
+from .boot_history import check_boot_history
 from .crash import crashpoint
 from .db.engine import translate_db_errors
 from .db.models import Boot, Domain, Page
@@ -66,6 +67,7 @@ class Machine:
     def attach(cls, store: Store, name: str) -> Machine:
         with translate_db_errors(store.url), store.writer.begin() as conn:
             mid = store.machine_id(conn, name)
+            check_boot_history(conn, mid, name)  # before a new boot frees anything
             mem_bytes = conn.execute(select(MachineRow.mem_bytes).where(MachineRow.id == mid)).scalar_one()
             last = conn.execute(
                 select(Boot.id, Boot.number, Boot.end_kind)

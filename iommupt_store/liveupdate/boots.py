@@ -14,6 +14,7 @@ from sqlalchemy import delete, func, select, update
 from ..crash import crashpoint
 from ..db.models import Domain as DomainRow
 from ..db.models import HandoverEntry, Page, Preservation
+from ..db.rows import reads_stored_rows
 from ..descriptors import parse_domain_descriptor
 from ..domains import get_domain
 from ..errors import BadData
@@ -109,6 +110,7 @@ def _on_boot_start(tx: Transaction, prev_number: int, end_kind: str) -> None:
 BOOT_START_HOOKS.append(_on_boot_start)
 
 
+@reads_stored_rows
 def handover_report(tx: Transaction) -> HandoverReport:
     """What the previous boot handed over (and what became of it), and what this boot hands over so far."""
     incoming = []

@@ -24,6 +24,7 @@ from sqlalchemy import Connection, delete, insert, select, update
 from ..crash import crashpoint
 from ..db.models import Domain as DomainRow
 from ..db.models import HandoverEntry
+from ..db.rows import reads_stored_rows
 from ..descriptors import (
     DOMAIN_COMPATIBLE,
     DomainDescriptorV1,
@@ -68,6 +69,7 @@ def preservation_problems(tx: Transaction, domain_id: int, reachable: set[int], 
 
 
 # -- preserve / unpreserve (boot N) --------------------------------------------------------
+@reads_stored_rows
 def preserve_domain(
     tx: Transaction, domain_id: int, token: int, *, session_id: int | None = None
 ) -> DomainDescriptorV1:
@@ -114,6 +116,7 @@ def preserve_domain(
     return desc
 
 
+@reads_stored_rows
 def unpreserve_domain(tx: Transaction, token: int) -> int:
     """Undo ``preserve_domain`` for the entry with ``token``; returns the domain id."""
     row = tx.conn.execute(
@@ -145,6 +148,7 @@ def _require_own_boot(tx: Transaction, dom: Domain, op: str) -> None:
 
 
 # -- restore (boot N+1) ----------------------------------------------------------------------
+@reads_stored_rows
 def incoming_entries(tx: Transaction) -> list[StoredEntry]:
     """The handover of the previous boot (empty if it did not end with a live update)."""
     try:
@@ -285,6 +289,7 @@ def _check_against_old_domain(
         raise BadData(f"descriptor of token {token:#x}: {'; '.join(problems)}")
 
 
+@reads_stored_rows
 def restore_domain(tx: Transaction, token: int) -> Domain:
     """Restore the domain the previous boot preserved under ``token``: all or nothing."""
     from .sessions import reattach_devices, require_retrieved
