@@ -176,7 +176,7 @@ def _find_incoming(tx: Transaction, token: int) -> IncomingEntry:
     raise NotFound(f"the previous boot handed nothing over under token {token:#x}")
 
 
-def _validate_geometry(desc: DomainDescriptorV1) -> None:
+def validate_geometry(desc: DomainDescriptorV1) -> None:
     fmt = get_format(desc.format)
     if desc.top_level > fmt.max_top_level:
         raise BadData(f"descriptor top_level {desc.top_level} exceeds {fmt.name}'s maximum {fmt.max_top_level}")
@@ -308,7 +308,7 @@ def restore_domain(tx: Transaction, token: int) -> Domain:
     if entry.compatible != DOMAIN_COMPATIBLE:
         raise BadData(f"handover entry {token:#x} has compatible {entry.compatible!r}: no handler for it")
     desc = parse_domain_descriptor(entry.descriptor, f"descriptor of token {token:#x}")
-    _validate_geometry(desc)
+    validate_geometry(desc)
     if entry.domain_id is None:
         raise BadData(f"handover entry {token:#x} names no domain")
     # a wrong format or sign extension would make the walk below decode the frames as something else
