@@ -22,8 +22,6 @@ from .integrity import StoredEntry, handover_problems, read_entries, restore_mar
 from .iommu import descriptor_mismatches, validate_geometry
 from .sessions import preserved_device_mismatches
 
-SESSION_STATES = ("open", "sealed", "retrieved", "finished", "discarded")
-
 
 @dataclass(frozen=True)
 class BootRow:

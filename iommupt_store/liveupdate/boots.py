@@ -110,6 +110,12 @@ def _on_boot_start(tx: Transaction, prev_number: int, end_kind: str) -> None:
 BOOT_START_HOOKS.append(_on_boot_start)
 
 
+def _json_object(value: object, where: str) -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise BadData(f"{where}: the stored descriptor is not a JSON object")
+    return value
+
+
 @reads_stored_rows
 def handover_report(tx: Transaction) -> HandoverReport:
     """What the previous boot handed over (and what became of it), and what this boot hands over so far."""
@@ -131,7 +137,7 @@ def handover_report(tx: Transaction) -> HandoverReport:
             HandoverEntryInfo(
                 token=e.token,
                 compatible=e.compatible,
-                descriptor=e.descriptor,
+                descriptor=_json_object(e.descriptor, e.where),
                 domain=e.domain_id,
                 restored_domain=e.restored_domain_id,
                 kind=e.kind,
@@ -144,8 +150,8 @@ def handover_report(tx: Transaction) -> HandoverReport:
         )
     h = HandoverEntry
     outgoing = []
-    for token, compatible, desc, domain_id, kind in tx.conn.execute(
-        select(h.token, h.compatible, h.descriptor, h.domain_id, h.kind)
+    for entry_id, token, compatible, desc, domain_id, kind in tx.conn.execute(
+        select(h.id, h.token, h.compatible, h.descriptor, h.domain_id, h.kind)
         .where(h.boot_id == tx.machine.boot_id)
         .order_by(h.token)
     ):
@@ -154,7 +160,7 @@ def handover_report(tx: Transaction) -> HandoverReport:
             HandoverEntryInfo(
                 token=token,
                 compatible=compatible,
-                descriptor=desc,
+                descriptor=_json_object(desc, f"handover entry {token:#x} (handover_entry row {entry_id})"),
                 domain=domain_id,
                 restored_domain=None,
                 kind=kind,

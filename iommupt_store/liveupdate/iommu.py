@@ -33,7 +33,7 @@ from ..descriptors import (
     parse_domain_descriptor,
 )
 from ..domains import Domain, domain_alloc, get_domain
-from ..errors import AlreadyExists, BadData, Busy, InvalidArgument, NotFound, NotPermitted
+from ..errors import AlreadyExists, BadData, Busy, InvalidArgument, IommuptError, NotFound, NotPermitted
 from ..formats import get_format
 from ..formats.base import ITEMS_PER_TABLE, EntryType, Feature, item_lg2sz
 from ..machine import Transaction
@@ -296,15 +296,21 @@ def restore_domain(tx: Transaction, token: int) -> Domain:
 
     prev = kho.incoming_boot_id(tx)  # explains a cold reboot or a first boot
     entry = _find_incoming(tx, token)
-    if entry.kind != "domain":
-        raise InvalidArgument(f"token {token:#x} names a preserved {entry.kind}, not a domain")
-    markers = restore_marker_problems(tx.conn, entry, tx.machine.boot_id)
-    if markers:
-        raise BadData(markers[0])
-    if entry.session_id is not None:
-        require_retrieved(tx, entry.session_id)
-    if entry.restored_boot_id is not None:
-        raise AlreadyExists(f"token {token:#x} has already been restored, as domain {entry.restored_domain_id}")
+    try:
+        if entry.kind != "domain":
+            raise InvalidArgument(f"token {token:#x} names a preserved {entry.kind}, not a domain")
+        markers = restore_marker_problems(tx.conn, entry, tx.machine.boot_id)
+        if markers:
+            raise BadData(markers[0])
+        if entry.session_id is not None:
+            require_retrieved(tx, entry.session_id)
+        if entry.restored_boot_id is not None:
+            raise AlreadyExists(f"token {token:#x} has already been restored, as domain {entry.restored_domain_id}")
+    except IommuptError as e:
+        if not isinstance(e, BadData):
+            # an edited handover is bad data, even where it would otherwise look like a plain refusal
+            verify_handover(tx.conn, tx.machine.id, prev)
+        raise
     if entry.compatible != DOMAIN_COMPATIBLE:
         raise BadData(f"handover entry {token:#x} has compatible {entry.compatible!r}: no handler for it")
     desc = parse_domain_descriptor(entry.descriptor, f"descriptor of token {token:#x}")

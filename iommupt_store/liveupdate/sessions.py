@@ -37,6 +37,7 @@ from .integrity import compute_digests, verify_handover
 from .iommu import preserve_domain, unpreserve_domain
 
 MAX_NAME_BYTES = 63
+SESSION_STATES = ("open", "sealed", "retrieved", "finished", "discarded")
 
 
 def _check_name(name: str) -> None:
@@ -206,14 +207,29 @@ def retrieve_session(tx: Transaction, name: str) -> SessionInfo:
 
 def require_retrieved(tx: Transaction, session_id: int) -> None:
     """Objects of a session can be restored only once the session was retrieved in this boot."""
+    s = LuoSession
     row = required(
         tx.conn.execute(
-            select(LuoSession.name, LuoSession.state, LuoSession.retrieved_boot_id).where(LuoSession.id == session_id)
+            select(s.name, s.state, s.retrieved_boot_id, s.finished_at.is_(None).label("unfinished")).where(
+                s.id == session_id
+            )
         ).first(),
         f"luo_session row {session_id}",
     )
+    if not _possible_state(row.state, row.retrieved_boot_id is not None, not row.unfinished):
+        raise BadData(
+            f"luo_session row {session_id} ({row.name!r}) is {row.state!r} with retrieved_boot_id "
+            f"{row.retrieved_boot_id} and {'no' if row.unfinished else 'a'} finish time: that state is not possible"
+        )
     if row.state != "retrieved" or row.retrieved_boot_id != tx.machine.boot_id:
         raise NotPermitted(f"session {row.name!r} is {row.state}: retrieve it before restoring its objects")
+
+
+def _possible_state(state: str, retrieved: bool, finished: bool) -> bool:
+    """Retrieval is recorded exactly for retrieved and finished sessions, a finish time for finished ones."""
+    if state not in SESSION_STATES or finished != (state == "finished"):
+        return False
+    return state == "discarded" or retrieved == (state in ("retrieved", "finished"))
 
 
 def reattach_devices(tx: Transaction, session_id: int, domain_token: int, domain_id: int) -> list[str]:
