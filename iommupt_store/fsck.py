@@ -48,7 +48,7 @@ def _domain(tx: Transaction, domain_id: int, state: str, boot_id: int, own: dict
     try:
         reached = _tables(hardware_walker(tx, domain_id).tables())
     except WalkError as e:
-        return [f"domain {domain_id}: {e}"]
+        return [f"domain {domain_id}: {e.args[0]}"]
     problems = [
         f"domain {domain_id}: table {pfn:#x} is not its level-{level} frame"
         for pfn, level in reached

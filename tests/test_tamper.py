@@ -253,6 +253,9 @@ CASES: dict[str, tuple[tuple[str, ...], int]] = {
     "restored-frames-cleared": ((f"UPDATE preservation SET restored_boot_id = NULL WHERE pfn = {_frame(C)}",), C),
 }
 
+#: malformed values restore never reads: it may succeed; fsck and the readers must still cope
+RESTORE_UNAFFECTED = {"boot-started-garbage"}
+
 #: commands that only read: on a tampered database they may refuse, never crash, never change anything
 READERS: list[tuple[str, ...]] = [
     ("status",),
@@ -302,10 +305,11 @@ def test_tampering_is_refused_reported_and_never_crashes(world: Path, case: str)
     tamper(world, *statements)
     before = sqlite_dump(world)
 
-    code, _, err = invoke(world, "restore", "--token", hex(token))
-    assert code == 65, f"restore of a tampered handover exited {code}: {err}"
-    assert len([ln for ln in err.splitlines() if ln.strip()]) == 1, err
-    assert sqlite_dump(world) == before
+    if case not in RESTORE_UNAFFECTED:
+        code, _, err = invoke(world, "restore", "--token", hex(token))
+        assert code == 65, f"restore of a tampered handover exited {code}: {err}"
+        assert len([ln for ln in err.splitlines() if ln.strip()]) == 1, err
+        assert sqlite_dump(world) == before
 
     code, out, err = invoke(world, "fsck", "--json")
     assert code == 65, f"fsck exited {code} on a tampered handover: {out} {err}"

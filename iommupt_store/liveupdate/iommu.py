@@ -32,13 +32,12 @@ from ..descriptors import (
     parse_device_descriptor,
     parse_domain_descriptor,
 )
-from ..domains import Domain, domain_alloc, get_domain
+from ..domains import Domain, domain_alloc, get_domain, stored_geometry
 from ..errors import AlreadyExists, BadData, Busy, InvalidArgument, IommuptError, NotFound, NotPermitted
 from ..formats import get_format
 from ..formats.base import ITEMS_PER_TABLE, EntryType, Feature, item_lg2sz
 from ..machine import Transaction
-from ..memory import PAGE_SHIFT
-from ..pagetable.engine import range_vasz
+from ..memory import PAGE_SHIFT, PAGE_SIZE
 from . import kho
 from .digests import owner_tag
 from .integrity import StoredEntry, compute_digests, read_entries, restore_marker_problems, verify_handover
@@ -210,7 +209,11 @@ def _walk_preserved(
             raise BadData(f"{via} points to pfn {pfn:#x}, which was not preserved for domain {old_domain}")
         if pfn in seen:
             raise BadData(f"{via} points to pfn {pfn:#x} a second time (cycle or shared table)")
+        if not mem.is_allocated(pfn):
+            raise BadData(f"{via} points to pfn {pfn:#x}, which was preserved but holds no stored page")
         meta = mem.meta(pfn)
+        if len(mem.view(pfn)) != PAGE_SIZE:
+            raise BadData(f"{via} points to pfn {pfn:#x}, whose stored contents are not one page")
         if meta.get("domain_id") != old_domain or meta.get("level") != level:
             raise BadData(f"{via} points to pfn {pfn:#x}, which is not a level-{level} table of domain {old_domain}")
         seen.add(pfn)
@@ -248,18 +251,14 @@ def descriptor_mismatches(
     ).first()
     if row is None:
         return [f"it names domain {domain_id}, which does not exist"]
-    try:
-        fmt = get_format(row.format)
-        features = frozenset(Feature(f) for f in _feature_names(row.features, domain_id))
-    except (ValueError, NotFound) as e:
-        raise BadData(f"domain row {domain_id}: {e}") from e
+    fmt, features, vasz = stored_geometry(row._mapping)
     if row.state != "preserved":
         return [f"it names domain {domain_id}, which is {row.state}, not preserved"]
     stored = {
         "format": row.format,
         "top_table_phys": row.top_phys,
         "top_level": row.top_level,
-        "vasz": range_vasz(fmt, row.top_level, row.max_vasz_lg2, features),
+        "vasz": vasz,
         "sign_extend": fmt.effective(Feature.SIGN_EXTEND, features),
     }
     return [
@@ -271,12 +270,6 @@ def descriptor_mismatches(
 
 def _shown(value: object) -> str:
     return hex(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0xFFFF else str(value)
-
-
-def _feature_names(value: object, domain_id: int) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(f, str) for f in value):
-        raise BadData(f"domain row {domain_id}: features {value!r} is not a list of feature names")
-    return value
 
 
 def _check_against_old_domain(
