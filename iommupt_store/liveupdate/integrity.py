@@ -165,8 +165,8 @@ def handover_problems(conn: Connection, machine_id: int, boot_id: int, *, sealed
             )
         if now["frames_digest"] != e.frames_digest:
             problems.append(
-                f"{e.where} of boot {number}: the frames preserved for domain {e.domain_id} differ from those "
-                "recorded at preserve (a preservation row's pfn, order, content hash, preserved_by or boot was edited)"
+                f"{e.where} of boot {number}: the frames preserved for it differ from those recorded at preserve "
+                "(a preservation row's pfn, order, content hash, preserved_by or boot was edited)"
             )
     if sealed:
         stored = conn.execute(select(Boot.handover_digest).where(Boot.id == boot_id)).scalar()
@@ -217,7 +217,7 @@ def restore_marker_problems(conn: Connection, e: StoredEntry, current_boot_id: i
         if e.restored_domain_id is not None:
             problems.append(f"{e.where} is not marked restored but names restored domain {e.restored_domain_id}")
         if frames - {None}:
-            problems.append(f"{e.where} is not marked restored but frames of domain {e.domain_id} are")
+            problems.append(f"{e.where} is not marked restored but frames preserved for it are")
         return problems
     if e.restored_boot_id != nxt:
         problems.append(f"{e.where} is marked restored in boot row {e.restored_boot_id}, not in the boot after its own")
@@ -226,7 +226,7 @@ def restore_marker_problems(conn: Connection, e: StoredEntry, current_boot_id: i
             problems.append(f"{e.where} is a device entry but names restored domain {e.restored_domain_id}")
         return problems
     if frames != {e.restored_boot_id}:
-        problems.append(f"{e.where} is marked restored but not every frame of domain {e.domain_id} is, in that boot")
+        problems.append(f"{e.where} is marked restored but not every frame preserved for it is, in that boot")
     if e.restored_domain_id is None:
         problems.append(f"{e.where} is marked restored but names no restored domain")
         return problems

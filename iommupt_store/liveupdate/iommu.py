@@ -84,10 +84,13 @@ def preserve_domain(
     if dom.state != "live":
         raise NotFound(f"domain {domain_id} has been freed")
     dup = tx.conn.execute(
-        select(HandoverEntry.domain_id).where(HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.token == token)
+        select(HandoverEntry.kind, HandoverEntry.domain_id).where(
+            HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.token == token
+        )
     ).first()
     if dup is not None:
-        raise AlreadyExists(f"token {token:#x} is already used in this boot's handover (domain {dup[0]})")
+        holder = f"domain {dup.domain_id}" if dup.domain_id is not None else f"a {dup.kind}"
+        raise AlreadyExists(f"token {token:#x} is already used in this boot's handover (by {holder})")
     pt = dom.pt
     tables = pt.collect_tables()
     kho.preserve_pages(tx, [(phys >> PAGE_SHIFT, 0) for phys in tables], owner_tag(domain_id))

@@ -217,9 +217,12 @@ def require_retrieved(tx: Transaction, session_id: int) -> None:
         f"luo_session row {session_id}",
     )
     if not _possible_state(row.state, row.retrieved_boot_id is not None, not row.unfinished):
+        retrieved = (
+            "never retrieved" if row.retrieved_boot_id is None else f"retrieved in boot row {row.retrieved_boot_id}"
+        )
         raise BadData(
-            f"luo_session row {session_id} ({row.name!r}) is {row.state!r} with retrieved_boot_id "
-            f"{row.retrieved_boot_id} and {'no' if row.unfinished else 'a'} finish time: that state is not possible"
+            f"luo_session row {session_id} ({row.name!r}) is {row.state!r}, {retrieved} and "
+            f"with{'out' if row.unfinished else ''} a finish time: that is not a possible state"
         )
     if row.state != "retrieved" or row.retrieved_boot_id != tx.machine.boot_id:
         raise NotPermitted(f"session {row.name!r} is {row.state}: retrieve it before restoring its objects")
