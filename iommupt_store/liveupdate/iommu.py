@@ -285,13 +285,11 @@ def _check_against_old_domain(
         raise BadData(f"descriptor of token {token:#x}: {'; '.join(problems)}")
 
 
-@reads_stored_rows
-def restore_domain(tx: Transaction, token: int) -> Domain:
-    """Restore the domain the previous boot preserved under ``token``: all or nothing."""
-    from .sessions import reattach_devices, require_retrieved
+def _check_restorable(tx: Transaction, prev: int, entry: StoredEntry) -> None:
+    """The entry names a domain that may be restored now: not yet restored, its session retrieved."""
+    from .sessions import require_retrieved
 
-    prev = kho.incoming_boot_id(tx)  # explains a cold reboot or a first boot
-    entry = _find_incoming(tx, token)
+    token = entry.token
     try:
         if entry.kind != "domain":
             raise InvalidArgument(f"token {token:#x} names a preserved {entry.kind}, not a domain")
@@ -307,33 +305,54 @@ def restore_domain(tx: Transaction, token: int) -> Domain:
             # an edited handover is bad data, even where it would otherwise look like a plain refusal
             verify_handover(tx.conn, tx.machine.id, prev)
         raise
+
+
+def _checked_handover(
+    tx: Transaction, prev: int, entry: StoredEntry
+) -> tuple[DomainDescriptorV1, int, list[tuple[int, int]]]:
+    """The entry's descriptor, old domain and preserved tables (pfn, level), once everything that
+    describes them is proven to be what the previous boot recorded."""
+    token = entry.token
     if entry.compatible != DOMAIN_COMPATIBLE:
         raise BadData(f"handover entry {token:#x} has compatible {entry.compatible!r}: no handler for it")
     desc = parse_domain_descriptor(entry.descriptor, f"descriptor of token {token:#x}")
     validate_geometry(desc)
     if entry.domain_id is None:
         raise BadData(f"handover entry {token:#x} names no domain")
+    old = entry.domain_id
     # a wrong format or sign extension would make the walk below decode the frames as something else
-    _check_against_old_domain(tx, desc, entry.domain_id, token, ("format", "sign_extend"))
-    preserved = kho.preserved_by(tx, owner_tag(entry.domain_id), prev)
-    frames = _walk_preserved(tx, desc, preserved, entry.domain_id)
+    _check_against_old_domain(tx, desc, old, token, ("format", "sign_extend"))
+    preserved = kho.preserved_by(tx, owner_tag(old), prev)
+    frames = _walk_preserved(tx, desc, preserved, old)
     unreached = sorted(set(preserved) - {pfn for pfn, _ in frames})
     if unreached:
         # the descriptor decodes less than was handed over (e.g. a narrowed vasz): restoring it would
         # change translations and leave preserved tables behind
         raise BadData(
             f"descriptor of token {token:#x} does not reach {len(unreached)} frame(s) preserved for domain "
-            f"{entry.domain_id}: {[hex(p) for p in unreached[:4]]}"
+            f"{old}: {[hex(p) for p in unreached[:4]]}"
         )
-    _check_against_old_domain(tx, desc, entry.domain_id, token)
+    _check_against_old_domain(tx, desc, old, token)
     # nothing is trusted that the previous boot did not record: the whole handover must match its seal
     verify_handover(tx.conn, tx.machine.id, prev)
+    return desc, old, frames
+
+
+@reads_stored_rows
+def restore_domain(tx: Transaction, token: int) -> Domain:
+    """Restore the domain the previous boot preserved under ``token``: all or nothing."""
+    from .sessions import reattach_devices
+
+    prev = kho.incoming_boot_id(tx)  # explains a cold reboot or a first boot
+    entry = _find_incoming(tx, token)
+    _check_restorable(tx, prev, entry)
+    desc, old_id, frames = _checked_handover(tx, prev, entry)
 
     # A fresh domain of the same format, whose own top is freed in favour of the preserved one.
     dom = domain_alloc(tx, desc.format)
     pt = dom.pt
     pt.frames.free_tables([pt.top_phys])
-    kho.restore_pages(tx, [(pfn, 0) for pfn, _ in frames], owner_tag(entry.domain_id))
+    kho.restore_pages(tx, [(pfn, 0) for pfn, _ in frames], owner_tag(old_id))
     for pfn, level in frames:
         # the frames change hands; the old kernel's per-frame state (incoherent) is stale
         tx.memory.set_meta(pfn, domain_id=dom.id, level=level, incoherent=False)
@@ -342,8 +361,8 @@ def restore_domain(tx: Transaction, token: int) -> Domain:
     pt.features = frozenset({Feature.SIGN_EXTEND}) if desc.sign_extend else frozenset()
     pt.top_phys, pt.top_level = desc.top_table_phys, desc.top_level
     dom.set_state("restored")
-    tx.conn.execute(update(DomainRow).where(DomainRow.id == entry.domain_id).values(state="freed", top_phys=None))
-    old = tx.cache.get("domains", {}).pop(entry.domain_id, None)
+    tx.conn.execute(update(DomainRow).where(DomainRow.id == old_id).values(state="freed", top_phys=None))
+    old = tx.cache.get("domains", {}).pop(old_id, None)
     if old is not None:
         old._dirty = False
     tx.conn.execute(
