@@ -17,6 +17,7 @@ from sqlalchemy import and_, insert, select, update
 from .crash import crashpoint
 from .db.models import Device, HandoverEntry
 from .db.models import Domain as DomainRow
+from .db.rows import reads_stored_rows
 from .domains import get_domain, hardware_walker
 from .errors import Busy, InvalidArgument, NotFound, NotPermitted
 from .machine import Transaction, atomic
@@ -50,6 +51,7 @@ def _row(tx: Transaction, bdf: str) -> Any:
     )
 
 
+@reads_stored_rows
 def get_device(tx: Transaction, bdf: str) -> Any:
     row = _row(tx, parse_bdf(bdf))
     if row is None:
@@ -198,6 +200,7 @@ def reattach_restored(tx: Transaction, device_id: int, domain_id: int) -> None:
     )
 
 
+@reads_stored_rows
 def dma_walker(tx: Transaction, bdf: str) -> HardwareWalker:
     """What the device's DMA sees: a hardware walker over its current attachment."""
     row = get_device(tx, bdf)
@@ -206,6 +209,7 @@ def dma_walker(tx: Transaction, bdf: str) -> HardwareWalker:
     return hardware_walker(tx, row["domain_id"])
 
 
+@reads_stored_rows
 def list_devices(tx: Transaction) -> list[DeviceInfo]:
     tx.flush()  # domain states changed in this transaction
     d, dom = Device, DomainRow

@@ -12,15 +12,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import func, insert, select, update
 
 from .db.models import Boot, Device, Page
 from .db.models import Domain as DomainRow
-from .errors import BadData, Busy, InvalidArgument, NotFound, NotPermitted
+from .db.rows import reads_stored_rows, required
+from .errors import BadData, Busy, InvalidArgument, IommuptError, NotFound, NotPermitted
 from .formats import get_format
 from .formats.base import TABLE_ITEMS_LG2, Feature, PageTableFormat, Prot, item_lg2sz
 from .machine import Transaction, atomic
-from .memory import PAGE_SHIFT, Memory
+from .memory import PAGE_SHIFT, PAGE_SIZE, Memory
 from .pagetable.engine import PageTable, range_vasz
 from .pagetable.walker import HardwareWalker
 from .reports import DomainInfo
@@ -150,7 +152,10 @@ class Domain:
         return hardware_walker(self.tx, self.id)
 
     def info(self) -> DomainInfo:
-        boot = self.tx.conn.execute(select(Boot.number).where(Boot.id == self.boot_id)).scalar_one()
+        boot = required(
+            self.tx.conn.execute(select(Boot.number).where(Boot.id == self.boot_id)).scalar(),
+            f"boot row {self.boot_id} (of domain {self.id})",
+        )
         # a freed domain's geometry comes from its stored row (no frames are touched)
         pt = self._pt or page_table_from_row(
             self.tx, self.tx.conn.execute(select(DomainRow.__table__).where(DomainRow.id == self.id)).mappings().one()
@@ -308,6 +313,7 @@ def _geometry_request(
     return top_level, vasz  # no top level: the format picks the smallest that decodes vasz
 
 
+@reads_stored_rows
 def get_domain(tx: Transaction, domain_id: int) -> Domain:
     """The domain with ``domain_id`` on this machine, in any state."""
     domains = _loaded(tx)
@@ -324,19 +330,41 @@ def get_domain(tx: Transaction, domain_id: int) -> Domain:
         raise NotFound(f"no domain {domain_id} on machine {tx.machine.name!r}")
     pt = None
     if row["state"] != "freed":
-        tx.memory.load_matching(domain_id=domain_id)
+        for pfn in tx.memory.load_matching(domain_id=domain_id):
+            if tx.memory.order(pfn) != 0 or len(tx.memory.view(pfn)) != PAGE_SIZE:
+                raise BadData(f"page row (pfn {pfn:#x}) of domain {domain_id}: a table frame is not one whole page")
         pt = page_table_from_row(tx, row)
     dom = Domain(tx, dict(row), pt)
     domains[domain_id] = dom
     return dom
 
 
-def page_table_from_row(tx: Transaction, row: Any) -> PageTable:
+_FEATURE_NAMES: TypeAdapter[list[Feature]] = TypeAdapter(list[Feature])
+
+
+def stored_geometry(row: Any) -> tuple[PageTableFormat, frozenset[Feature], int]:
+    """A domain row's format, features and the VA width its top decodes, checked: a row edited
+    by hand is bad data naming the row, never a walk that indexes past a table."""
+    where = f"domain row {row['id']}"
     try:
         fmt = get_format(row["format"])
-        features = frozenset(Feature(f) for f in row["features"])
-    except (ValueError, NotFound) as e:
-        raise BadData(f"domain {row['id']}: {e}") from e
+    except IommuptError as e:
+        raise BadData(f"{where}: {e}") from None
+    try:
+        features = frozenset(_FEATURE_NAMES.validate_python(row["features"]))
+    except ValidationError:
+        raise BadData(f"{where}: features {row['features']!r} is not a list of known feature names") from None
+    top_level = row["top_level"]
+    if not 0 <= top_level <= fmt.max_top_level:
+        raise BadData(f"{where}: top_level {top_level} is outside {fmt.name}'s 0..{fmt.max_top_level}")
+    vasz = range_vasz(fmt, top_level, row["max_vasz_lg2"], features)
+    if not item_lg2sz(top_level) < vasz <= min(item_lg2sz(top_level) + TABLE_ITEMS_LG2, fmt.max_va_lg2):
+        raise BadData(f"{where}: a VA width of {vasz} bits does not fit a level-{top_level} {fmt.name} top")
+    return fmt, features, vasz
+
+
+def page_table_from_row(tx: Transaction, row: Any) -> PageTable:
+    fmt, features, _ = stored_geometry(row)
     return PageTable(
         fmt,
         MemoryFrames(tx.memory, row["id"], incoherent=fmt.effective(Feature.DMA_INCOHERENT, features)),
@@ -349,6 +377,7 @@ def page_table_from_row(tx: Transaction, row: Any) -> PageTable:
     )
 
 
+@reads_stored_rows
 def list_domains(tx: Transaction, *, include_freed: bool = False) -> list[DomainInfo]:
     q = select(DomainRow.id).where(DomainRow.machine_id == tx.machine.id).order_by(DomainRow.id)
     if not include_freed:
@@ -356,6 +385,7 @@ def list_domains(tx: Transaction, *, include_freed: bool = False) -> list[Domain
     return [get_domain(tx, i).info() for i in tx.conn.execute(q).scalars()]
 
 
+@reads_stored_rows
 def frame_counts(tx: Transaction) -> dict[int, int]:
     """Frames per domain as stored (flushes this transaction's changes first)."""
     tx.flush()
@@ -367,6 +397,14 @@ def frame_counts(tx: Transaction) -> dict[int, int]:
     return {d: n for d, n in rows if d is not None}
 
 
+def frame_bytes(pfn: int, order: int, contents: bytes) -> bytes:
+    """A table frame's contents, which must be one whole page (a hand edit may have shortened them)."""
+    if order != 0 or len(contents) != PAGE_SIZE:
+        raise BadData(f"page row (pfn {pfn:#x}): a table frame of {len(contents)} bytes at order {order}")
+    return bytes(contents)
+
+
+@reads_stored_rows
 def hardware_walker(tx: Transaction, domain_id: int) -> HardwareWalker:
     """A walker that sees only what the database holds for the domain: its row
     and its frames' bytes (this transaction's changes are flushed first)."""
@@ -382,16 +420,15 @@ def hardware_walker(tx: Transaction, domain_id: int) -> HardwareWalker:
         raise NotFound(f"no domain {domain_id} on machine {tx.machine.name!r}")
     if row["top_phys"] is None:
         raise NotFound(f"domain {domain_id} has been freed")
-    fmt = get_format(row["format"])
-    frames: dict[int, bytes] = {
-        int(pfn) << PAGE_SHIFT: bytes(contents)
-        for pfn, contents in tx.conn.execute(
-            select(Page.pfn, Page.contents).where(Page.machine_id == tx.machine.id, Page.domain_id == domain_id)
+    fmt, features, vasz = stored_geometry(row)
+    frames: dict[int, bytes] = {}
+    for pfn, order, contents in tx.conn.execute(
+        select(Page.pfn, Page.page_order, Page.contents).where(
+            Page.machine_id == tx.machine.id, Page.domain_id == domain_id
         )
-    }
-    features = frozenset(Feature(f) for f in row["features"])
+    ):
+        frames[pfn << PAGE_SHIFT] = frame_bytes(pfn, order, contents)
     sign_extend = fmt.effective(Feature.SIGN_EXTEND, features)
-    vasz = range_vasz(fmt, row["top_level"], row["max_vasz_lg2"], features)
     return HardwareWalker(
         fmt, frames, top_phys=row["top_phys"], top_level=row["top_level"], vasz=vasz, sign_extend=sign_extend
     )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from sqlalchemy import Connection, delete, insert, select, update
 
+from .boot_history import check_boot_history
 from .crash import crashpoint
 from .db.engine import translate_db_errors
 from .db.models import Boot, Domain, Page
@@ -145,6 +146,7 @@ class Machine:
             mid = store.machine_id(conn, name)
             lock_machine_row(conn, mid)
             # read after the lock: a process that started the new boot while we waited has committed it
+            check_boot_history(conn, mid, name)  # before a new boot frees anything
             mem_bytes = conn.execute(select(MachineRow.mem_bytes).where(MachineRow.id == mid)).scalar_one()
             last = conn.execute(
                 select(Boot.id, Boot.number, Boot.end_kind)

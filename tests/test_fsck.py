@@ -102,3 +102,52 @@ def test_cli_exit_codes(built: tuple[Machine, int, int], db_path: Path) -> None:
     )
     bad = runner.invoke(cli, ["--db", str(db_path), "-m", machine.name, "fsck"])
     assert bad.exit_code == 65
+
+
+def _report_from(machine: Machine) -> list[str]:
+    """fsck through a machine attached before the tampering (attaching now may be refused)."""
+    with machine.transaction(write=False) as tx:
+        return fsck(tx).problems
+
+
+def test_malformed_values_are_reported_with_their_rows(built: tuple[Machine, int, int], db_path: Path) -> None:
+    machine, a, _ = built
+    pfn = _sql_one(db_path, f"SELECT max(pfn) FROM page WHERE domain_id={a}")
+    _sql(db_path, f"UPDATE page SET contents = printf('%.4096c', 'x') WHERE pfn = {pfn}")
+    _sql(db_path, f"UPDATE domain SET features = 'not json' WHERE id = {a}")
+    problems = _report_from(machine)
+    assert f"stored data is malformed: page row (machine_id=1, pfn={pfn}): contents is not stored as blob" in problems
+    assert f"stored data is malformed: domain row (id={a}): features is not valid JSON" in problems
+
+
+def test_an_edited_entry_and_an_impossible_session_are_reported(built: tuple[Machine, int, int], db_path: Path) -> None:
+    machine, _, _ = built
+    _sql(db_path, "UPDATE handover_entry SET token = 8 WHERE token = 7")
+    _sql(
+        db_path,
+        "INSERT INTO luo_session (machine_id, boot_id, name, state, created_at) "
+        "SELECT machine_id, id, 'x', 'sealed', started_at FROM boot",
+    )
+    problems = _report(machine)
+    assert any("handover entry 0x8" in p and "differs from what was recorded" in p for p in problems), problems
+    assert any(
+        "luo_session row 1 ('x', boot 1) is 'sealed'; after that boot it can only be open" in p for p in problems
+    )
+
+
+def test_boot_history_is_reported_and_refused(built: tuple[Machine, int, int], db_path: Path) -> None:
+    machine, _, _ = built
+    _sql(db_path, "UPDATE boot SET number = 3")
+    assert _report_from(machine) == ["boot history: boot numbers are 3, not 1..1 (rows 1)"]
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["--db", str(db_path), "-m", machine.name, "fsck"])
+    assert refused.exit_code == 65
+    assert "impossible boot history: boot numbers are 3, not 1..1 (rows 1)" in refused.stderr
+
+
+def _sql_one(db: Path, query: str) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return int(conn.execute(query).fetchone()[0])
+    finally:
+        conn.close()

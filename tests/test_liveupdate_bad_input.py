@@ -336,7 +336,7 @@ def test_restore_refuses_missing_preservation_of_a_lower_table(boot_n1: World) -
 def test_restore_refuses_frame_of_wrong_order(boot_n1: World) -> None:
     w = boot_n1
     w.sql("UPDATE preservation SET page_order = 1 WHERE pfn = ?", w.tables(w.a, 1)[0])
-    restore_refused(w, InvalidArgument, "EINVAL", "order")
+    restore_refused(w, BadData, "EBADMSG", "order")
 
 
 # =========================================================================== restore sequencing

@@ -8,23 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    CheckConstraint,
-    DateTime,
-    ForeignKey,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    UniqueConstraint,
-)
+from sqlalchemy import CheckConstraint, ForeignKey, MetaData, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.expression import false
 
-from .types import U64
+from .types import U64, BigInt, Blob, Flag, Int, Json, Text, Timestamp, label_columns
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -41,6 +29,8 @@ def utcnow() -> dt.datetime:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    #: columns typed only by their annotation (foreign keys) get the checked types too
+    type_annotation_map = {int: Int, str: Text}
 
 
 class Machine(Base):
@@ -48,11 +38,11 @@ class Machine(Base):
 
     __tablename__ = "machine"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
+    id: Mapped[int] = mapped_column(Int, primary_key=True)
+    name: Mapped[str] = mapped_column(Text(64), unique=True)
     mem_bytes: Mapped[int] = mapped_column(U64)
-    page_size: Mapped[int] = mapped_column(Integer, default=4096)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    page_size: Mapped[int] = mapped_column(Int, default=4096)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp(timezone=True), default=utcnow)
 
     __table_args__ = (
         CheckConstraint("page_size = 4096", name="page_size_4k"),
@@ -65,13 +55,16 @@ class Boot(Base):
 
     __tablename__ = "boot"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(Int, primary_key=True)
     machine_id: Mapped[int] = mapped_column(ForeignKey("machine.id", ondelete="CASCADE"), index=True)
-    number: Mapped[int] = mapped_column(Integer)
-    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    number: Mapped[int] = mapped_column(Int)
+    started_at: Mapped[dt.datetime] = mapped_column(Timestamp(timezone=True), default=utcnow)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(Timestamp(timezone=True))
     #: how the boot ended: NULL while running, 'cold' or 'liveupdate'
-    end_kind: Mapped[str | None] = mapped_column(String(16))
+    end_kind: Mapped[str | None] = mapped_column(Text(16))
+    #: set by the seal of a live update: SHA-256 over the boot's whole handover
+    #: (``liveupdate/digests.py``); NULL for a running boot or one ended cold
+    handover_digest: Mapped[str | None] = mapped_column(Text(64))
 
     __table_args__ = (
         UniqueConstraint("machine_id", "number", name="uq_boot_machine_number"),
@@ -89,19 +82,19 @@ class Page(Base):
     machine_id: Mapped[int] = mapped_column(
         ForeignKey("machine.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
     )
-    pfn: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    page_order: Mapped[int] = mapped_column(Integer, default=0)
+    pfn: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=False)
+    page_order: Mapped[int] = mapped_column(Int, default=0)
     #: who holds the page, e.g. 'iommupt', 'test'
-    owner: Mapped[str] = mapped_column(String(64))
+    owner: Mapped[str] = mapped_column(Text(64))
     #: the boot in which the page was allocated (or last re-claimed)
     boot_id: Mapped[int] = mapped_column(ForeignKey("boot.id"), index=True)
-    contents: Mapped[bytes] = mapped_column(LargeBinary)
+    contents: Mapped[bytes] = mapped_column(Blob)
     #: for IOMMU page-table frames: the domain that owns the frame, and the table's level
     domain_id: Mapped[int | None] = mapped_column(ForeignKey("domain.id"), index=True)
-    level: Mapped[int | None] = mapped_column(Integer)
+    level: Mapped[int | None] = mapped_column(Int)
     #: the table was made visible to a non-coherent IOMMU (ioptdesc ``incoherent``);
     #: stale after a live update, so restore clears it
-    incoherent: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    incoherent: Mapped[bool] = mapped_column(Flag, default=False, server_default=false())
 
     __table_args__ = (
         CheckConstraint("page_order >= 0 AND page_order <= 18", name="order_range"),
@@ -121,21 +114,21 @@ class Domain(Base):
 
     __tablename__ = "domain"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(Int, primary_key=True)
     machine_id: Mapped[int] = mapped_column(ForeignKey("machine.id", ondelete="CASCADE"), index=True)
     #: the boot the domain belongs to (created in, or restored into)
     boot_id: Mapped[int] = mapped_column(ForeignKey("boot.id"), index=True)
-    format: Mapped[str] = mapped_column(String(16))
+    format: Mapped[str] = mapped_column(Text(16))
     #: live (mutable), preserved (handed over, frozen), restored (immutable), freed
-    state: Mapped[str] = mapped_column(String(16), default="live")
-    top_phys: Mapped[int | None] = mapped_column(BigInteger)
-    top_level: Mapped[int] = mapped_column(Integer)
-    max_vasz_lg2: Mapped[int] = mapped_column(Integer)
-    max_oasz_lg2: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(Text(16), default="live")
+    top_phys: Mapped[int | None] = mapped_column(BigInt)
+    top_level: Mapped[int] = mapped_column(Int)
+    max_vasz_lg2: Mapped[int] = mapped_column(Int)
+    max_oasz_lg2: Mapped[int] = mapped_column(Int)
     #: feature names (never bit numbers: the kernel renumbers them between versions)
-    features: Mapped[list[str]] = mapped_column(JSON)
+    features: Mapped[list[str]] = mapped_column(Json)
     pgsize_bitmap: Mapped[int] = mapped_column(U64)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp(timezone=True), default=utcnow)
 
     __table_args__ = (
         CheckConstraint(
@@ -158,18 +151,18 @@ class Preservation(Base):
 
     __tablename__ = "preservation"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(Int, primary_key=True)
     machine_id: Mapped[int] = mapped_column(ForeignKey("machine.id", ondelete="CASCADE"), index=True)
-    pfn: Mapped[int] = mapped_column(BigInteger)
-    page_order: Mapped[int] = mapped_column(Integer, default=0)
+    pfn: Mapped[int] = mapped_column(BigInt)
+    page_order: Mapped[int] = mapped_column(Int, default=0)
     #: the boot that preserved the pages
     boot_id: Mapped[int] = mapped_column(ForeignKey("boot.id"), index=True)
     #: who preserved them, e.g. 'iommupt:domain/3'
-    preserved_by: Mapped[str] = mapped_column(String(64))
+    preserved_by: Mapped[str] = mapped_column(Text(64))
     #: sha256 of the contents when preserved
-    content_hash: Mapped[str] = mapped_column(String(64))
+    content_hash: Mapped[str] = mapped_column(Text(64))
     restored_boot_id: Mapped[int | None] = mapped_column(ForeignKey("boot.id"))
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp(timezone=True), default=utcnow)
 
     __table_args__ = (
         UniqueConstraint("machine_id", "boot_id", "pfn", name="uq_preservation_boot_pfn"),
@@ -184,24 +177,28 @@ class HandoverEntry(Base):
 
     __tablename__ = "handover_entry"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(Int, primary_key=True)
     machine_id: Mapped[int] = mapped_column(ForeignKey("machine.id", ondelete="CASCADE"), index=True)
     #: the boot that wrote the entry
     boot_id: Mapped[int] = mapped_column(ForeignKey("boot.id"), index=True)
     token: Mapped[int] = mapped_column(U64)
-    compatible: Mapped[str] = mapped_column(String(64))
-    descriptor: Mapped[dict[str, object]] = mapped_column(JSON)
+    compatible: Mapped[str] = mapped_column(Text(64))
+    descriptor: Mapped[dict[str, object]] = mapped_column(Json)
     #: the object it describes in the writing boot (e.g. the domain)
     domain_id: Mapped[int | None] = mapped_column(ForeignKey("domain.id"))
     restored_boot_id: Mapped[int | None] = mapped_column(ForeignKey("boot.id"))
     restored_domain_id: Mapped[int | None] = mapped_column(ForeignKey("domain.id"))
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp(timezone=True), default=utcnow)
     #: the LUO session holding the object (NULL: held by the boot's handover directly)
     session_id: Mapped[int | None] = mapped_column(ForeignKey("luo_session.id"), index=True)
     #: what the entry describes: 'domain' or 'device'
-    kind: Mapped[str] = mapped_column(String(16), default="domain", server_default="domain")
+    kind: Mapped[str] = mapped_column(Text(16), default="domain", server_default="domain")
     #: for a device entry: the device
     device_id: Mapped[int | None] = mapped_column(ForeignKey("device.id"))
+    #: SHA-256 over the entry as written (``liveupdate/digests.py``): restore refuses an edited entry
+    digest: Mapped[str] = mapped_column(Text(64))
+    #: SHA-256 over (pfn, order, content hash) of the frames preserved for the entry's domain
+    frames_digest: Mapped[str] = mapped_column(Text(64))
 
     __table_args__ = (UniqueConstraint("boot_id", "token", name="uq_handover_entry_boot_token"),)
 
@@ -215,15 +212,15 @@ class LuoSession(Base):
 
     __tablename__ = "luo_session"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(Int, primary_key=True)
     machine_id: Mapped[int] = mapped_column(ForeignKey("machine.id", ondelete="CASCADE"), index=True)
     #: the boot that created (and hands over) the session
     boot_id: Mapped[int] = mapped_column(ForeignKey("boot.id"), index=True)
-    name: Mapped[str] = mapped_column(String(63))
-    state: Mapped[str] = mapped_column(String(16), default="open")
+    name: Mapped[str] = mapped_column(Text(63))
+    state: Mapped[str] = mapped_column(Text(16), default="open")
     retrieved_boot_id: Mapped[int | None] = mapped_column(ForeignKey("boot.id"))
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp(timezone=True), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp(timezone=True))
 
     __table_args__ = (
         UniqueConstraint("boot_id", "name", name="uq_luo_session_boot_name"),
@@ -236,15 +233,15 @@ class Device(Base):
 
     __tablename__ = "device"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(Int, primary_key=True)
     machine_id: Mapped[int] = mapped_column(ForeignKey("machine.id", ondelete="CASCADE"), index=True)
     #: PCI segment:bus:device.function, e.g. 0000:3b:00.1
-    bdf: Mapped[str] = mapped_column(String(12))
+    bdf: Mapped[str] = mapped_column(Text(12))
     #: the DMA owner (e.g. the VFIO/iommufd user) that may attach or replace
-    owner: Mapped[str | None] = mapped_column(String(64))
+    owner: Mapped[str | None] = mapped_column(Text(64))
     domain_id: Mapped[int | None] = mapped_column(ForeignKey("domain.id"))
     #: hardware domain id of the attachment (VT-d DID)
-    did: Mapped[int | None] = mapped_column(Integer)
+    did: Mapped[int | None] = mapped_column(Int)
     #: the boot that made the current attachment
     boot_id: Mapped[int | None] = mapped_column(ForeignKey("boot.id"))
 
@@ -253,3 +250,6 @@ class Device(Base):
         CheckConstraint("(domain_id IS NULL) = (did IS NULL)", name="attached_has_did"),
         CheckConstraint("did IS NULL OR (did >= 1 AND did <= 65535)", name="did_range"),
     )
+
+
+label_columns(Base.metadata.tables.values())

@@ -14,6 +14,7 @@ from sqlalchemy import delete, func, select, update
 from ..crash import crashpoint
 from ..db.models import Domain as DomainRow
 from ..db.models import HandoverEntry, Page, Preservation
+from ..db.rows import reads_stored_rows
 from ..descriptors import parse_domain_descriptor
 from ..domains import get_domain
 from ..errors import BadData
@@ -21,7 +22,9 @@ from ..machine import BOOT_START_HOOKS, Machine, Transaction
 from ..memory import PAGE_SHIFT
 from ..reports import HandoverEntryInfo, HandoverReport, SealReport
 from . import kho
-from .iommu import incoming_entries, owner_tag, preservation_problems
+from .digests import owner_tag
+from .integrity import handover_problems, seal_handover
+from .iommu import descriptor_mismatches, incoming_entries, preservation_problems
 from .sessions import on_boot_start as on_session_boot_start
 from .sessions import seal_sessions
 
@@ -52,8 +55,9 @@ def check_preserved(tx: Transaction) -> tuple[int, int]:
         if dom.state != "preserved":
             raise SealRefused(f"{where}: domain {domain_id} is {dom.state}, not preserved")
         pt = dom.pt
-        if (desc.top_table_phys, desc.top_level, desc.vasz) != (pt.top_phys, pt.top_level, pt.range_vasz()):
-            raise SealRefused(f"{where}: the descriptor no longer matches domain {domain_id}'s top")
+        mismatches = descriptor_mismatches(tx.conn, tx.machine.id, desc, domain_id)
+        if mismatches:
+            raise SealRefused(f"{where}: the descriptor no longer matches domain {domain_id}: {mismatches[0]}")
         try:
             reachable = {phys >> PAGE_SHIFT for phys in pt.collect_tables()}
         except BadData as e:
@@ -62,6 +66,10 @@ def check_preserved(tx: Transaction) -> tuple[int, int]:
         if problems:
             raise SealRefused(f"{where}: {problems[0]}")
         frames += len(reachable)
+    # what no check above looks at (tokens, sessions, devices, preservation records) must be as written
+    problems = handover_problems(tx.conn, tx.machine.id, tx.machine.boot_id, sealed=False)
+    if problems:
+        raise SealRefused(problems[0])
     return len(entries), frames
 
 
@@ -70,6 +78,7 @@ def liveupdate(machine: Machine) -> SealReport:
     with machine.transaction() as tx:
         domains, frames = check_preserved(tx)
         seal_sessions(tx)
+        seal_handover(tx.conn, machine.id, machine.boot_id)
         pages = tx.conn.execute(
             select(func.count()).select_from(Preservation).where(Preservation.boot_id == machine.boot_id)
         ).scalar_one()
@@ -101,6 +110,13 @@ def _on_boot_start(tx: Transaction, prev_number: int, end_kind: str) -> None:
 BOOT_START_HOOKS.append(_on_boot_start)
 
 
+def _json_object(value: object, where: str) -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise BadData(f"{where}: the stored descriptor is not a JSON object")
+    return value
+
+
+@reads_stored_rows
 def handover_report(tx: Transaction) -> HandoverReport:
     """What the previous boot handed over (and what became of it), and what this boot hands over so far."""
     incoming = []
@@ -121,7 +137,7 @@ def handover_report(tx: Transaction) -> HandoverReport:
             HandoverEntryInfo(
                 token=e.token,
                 compatible=e.compatible,
-                descriptor=e.descriptor,
+                descriptor=_json_object(e.descriptor, e.where),
                 domain=e.domain_id,
                 restored_domain=e.restored_domain_id,
                 kind=e.kind,
@@ -134,8 +150,8 @@ def handover_report(tx: Transaction) -> HandoverReport:
         )
     h = HandoverEntry
     outgoing = []
-    for token, compatible, desc, domain_id, kind in tx.conn.execute(
-        select(h.token, h.compatible, h.descriptor, h.domain_id, h.kind)
+    for entry_id, token, compatible, desc, domain_id, kind in tx.conn.execute(
+        select(h.id, h.token, h.compatible, h.descriptor, h.domain_id, h.kind)
         .where(h.boot_id == tx.machine.boot_id)
         .order_by(h.token)
     ):
@@ -144,7 +160,7 @@ def handover_report(tx: Transaction) -> HandoverReport:
             HandoverEntryInfo(
                 token=token,
                 compatible=compatible,
-                descriptor=desc,
+                descriptor=_json_object(desc, f"handover entry {token:#x} (handover_entry row {entry_id})"),
                 domain=domain_id,
                 restored_domain=None,
                 kind=kind,

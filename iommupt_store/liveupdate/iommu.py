@@ -17,14 +17,14 @@ clean error that changes nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Connection, delete, insert, select, update
 
 from ..crash import crashpoint
 from ..db.models import Domain as DomainRow
 from ..db.models import HandoverEntry
+from ..db.rows import reads_stored_rows
 from ..descriptors import (
     DOMAIN_COMPATIBLE,
     DomainDescriptorV1,
@@ -32,33 +32,21 @@ from ..descriptors import (
     parse_device_descriptor,
     parse_domain_descriptor,
 )
-from ..domains import Domain, domain_alloc, get_domain
-from ..errors import AlreadyExists, BadData, Busy, InvalidArgument, NotFound, NotPermitted
+from ..domains import Domain, domain_alloc, get_domain, stored_geometry
+from ..errors import AlreadyExists, BadData, Busy, InvalidArgument, IommuptError, NotFound, NotPermitted
 from ..formats import get_format
 from ..formats.base import ITEMS_PER_TABLE, EntryType, Feature, item_lg2sz
 from ..machine import Transaction, atomic
-from ..memory import PAGE_SHIFT
+from ..memory import PAGE_SHIFT, PAGE_SIZE
 from . import kho
+from .digests import owner_tag
+from .integrity import StoredEntry, compute_digests, read_entries, restore_marker_problems, verify_handover
 
 MAX_TOKEN = (1 << 64) - 1
 
 
-def owner_tag(domain_id: int) -> str:
-    """The ``preserved_by`` of a domain's frames."""
-    return f"iommupt:domain/{domain_id}"
-
-
-@dataclass(frozen=True)
-class IncomingEntry:
-    id: int
-    token: int
-    compatible: str
-    descriptor: Any
-    domain_id: int | None
-    restored_boot_id: int | None
-    restored_domain_id: int | None
-    session_id: int | None
-    kind: str
+#: an entry of the previous boot's handover, as ``incoming_entries`` lists it
+IncomingEntry = StoredEntry
 
 
 def preservation_problems(tx: Transaction, domain_id: int, reachable: set[int], boot_id: int) -> list[str]:
@@ -81,8 +69,11 @@ def preservation_problems(tx: Transaction, domain_id: int, reachable: set[int], 
 
 # -- preserve / unpreserve (boot N) --------------------------------------------------------
 @atomic
-def preserve_domain(tx: Transaction, domain_id: int, token: int) -> DomainDescriptorV1:
-    """Preserve the domain's tables and hand its descriptor over under ``token``."""
+@reads_stored_rows
+def preserve_domain(
+    tx: Transaction, domain_id: int, token: int, *, session_id: int | None = None
+) -> DomainDescriptorV1:
+    """Preserve the domain's tables and hand its descriptor over under ``token`` (in a session, if given)."""
     if not 0 <= token <= MAX_TOKEN:
         raise InvalidArgument(f"token {token} is not a u64")
     dom = get_domain(tx, domain_id)
@@ -94,10 +85,13 @@ def preserve_domain(tx: Transaction, domain_id: int, token: int) -> DomainDescri
     if dom.state != "live":
         raise NotFound(f"domain {domain_id} has been freed")
     dup = tx.conn.execute(
-        select(HandoverEntry.domain_id).where(HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.token == token)
+        select(HandoverEntry.kind, HandoverEntry.domain_id).where(
+            HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.token == token
+        )
     ).first()
     if dup is not None:
-        raise AlreadyExists(f"token {token:#x} is already used in this boot's handover (domain {dup[0]})")
+        holder = f"domain {dup.domain_id}" if dup.domain_id is not None else f"a {dup.kind}"
+        raise AlreadyExists(f"token {token:#x} is already used in this boot's handover (by {holder})")
     pt = dom.pt
     tables = pt.collect_tables()
     kho.preserve_pages(tx, [(phys >> PAGE_SHIFT, 0) for phys in tables], owner_tag(domain_id))
@@ -110,21 +104,23 @@ def preserve_domain(tx: Transaction, domain_id: int, token: int) -> DomainDescri
         vasz=pt.range_vasz(),
         sign_extend=pt.sign_extend,
     )
-    tx.conn.execute(
-        insert(HandoverEntry).values(
-            machine_id=tx.machine.id,
-            boot_id=tx.machine.boot_id,
-            token=token,
-            compatible=DOMAIN_COMPATIBLE,
-            descriptor=dump_descriptor(desc),
-            domain_id=domain_id,
-        )
-    )
+    fields: dict[str, Any] = {
+        "machine_id": tx.machine.id,
+        "boot_id": tx.machine.boot_id,
+        "token": token,
+        "kind": "domain",
+        "compatible": DOMAIN_COMPATIBLE,
+        "descriptor": dump_descriptor(desc),
+        "domain_id": domain_id,
+        "session_id": session_id,
+    }
+    tx.conn.execute(insert(HandoverEntry).values(**fields, **compute_digests(tx.conn, **fields)))
     dom.set_state("preserved")
     return desc
 
 
 @atomic
+@reads_stored_rows
 def unpreserve_domain(tx: Transaction, token: int) -> int:
     """Undo ``preserve_domain`` for the entry with ``token``; returns the domain id."""
     row = tx.conn.execute(
@@ -156,29 +152,14 @@ def _require_own_boot(tx: Transaction, dom: Domain, op: str) -> None:
 
 
 # -- restore (boot N+1) ----------------------------------------------------------------------
-def incoming_entries(tx: Transaction) -> list[IncomingEntry]:
+@reads_stored_rows
+def incoming_entries(tx: Transaction) -> list[StoredEntry]:
     """The handover of the previous boot (empty if it did not end with a live update)."""
     try:
         prev = kho.incoming_boot_id(tx)
     except NotFound:
         return []
-    h = HandoverEntry
-    rows = tx.conn.execute(
-        select(
-            h.id,
-            h.token,
-            h.compatible,
-            h.descriptor,
-            h.domain_id,
-            h.restored_boot_id,
-            h.restored_domain_id,
-            h.session_id,
-            h.kind,
-        )
-        .where(h.machine_id == tx.machine.id, h.boot_id == prev)
-        .order_by(h.token)
-    )
-    return [IncomingEntry(*r) for r in rows]
+    return read_entries(tx.conn, tx.machine.id, prev)
 
 
 def _find_incoming(tx: Transaction, token: int) -> IncomingEntry:
@@ -186,6 +167,7 @@ def _find_incoming(tx: Transaction, token: int) -> IncomingEntry:
     for entry in incoming_entries(tx):
         if entry.token == token:
             return entry
+    verify_handover(tx.conn, tx.machine.id, prev)
     older = tx.conn.execute(
         select(HandoverEntry.boot_id).where(
             HandoverEntry.machine_id == tx.machine.id, HandoverEntry.token == token, HandoverEntry.boot_id != prev
@@ -198,7 +180,7 @@ def _find_incoming(tx: Transaction, token: int) -> IncomingEntry:
     raise NotFound(f"the previous boot handed nothing over under token {token:#x}")
 
 
-def _validate_geometry(desc: DomainDescriptorV1) -> None:
+def validate_geometry(desc: DomainDescriptorV1) -> None:
     fmt = get_format(desc.format)
     if desc.top_level > fmt.max_top_level:
         raise BadData(f"descriptor top_level {desc.top_level} exceeds {fmt.name}'s maximum {fmt.max_top_level}")
@@ -232,7 +214,11 @@ def _walk_preserved(
             raise BadData(f"{via} points to pfn {pfn:#x}, which was not preserved for domain {old_domain}")
         if pfn in seen:
             raise BadData(f"{via} points to pfn {pfn:#x} a second time (cycle or shared table)")
+        if not mem.is_allocated(pfn):
+            raise BadData(f"{via} points to pfn {pfn:#x}, which was preserved but holds no stored page")
         meta = mem.meta(pfn)
+        if len(mem.view(pfn)) != PAGE_SIZE:
+            raise BadData(f"{via} points to pfn {pfn:#x}, whose stored contents are not one page")
         if meta.get("domain_id") != old_domain or meta.get("level") != level:
             raise BadData(f"{via} points to pfn {pfn:#x}, which is not a level-{level} table of domain {old_domain}")
         seen.add(pfn)
@@ -253,67 +239,123 @@ def _walk_preserved(
     return out
 
 
-def _check_against_old_domain(tx: Transaction, desc: DomainDescriptorV1, domain_id: int, token: int) -> None:
-    """The descriptor must describe the domain whose frames it hands over: same format, same sign extension
-    (either one changed makes the same frames translate other IOVAs, or decode as another format)."""
-    row = tx.conn.execute(
-        select(DomainRow.format, DomainRow.features).where(
-            DomainRow.id == domain_id, DomainRow.machine_id == tx.machine.id
-        )
+#: every field of a domain descriptor that says how its frames translate
+GEOMETRY_FIELDS = ("format", "top_table_phys", "top_level", "vasz", "sign_extend")
+
+
+def descriptor_mismatches(
+    conn: Connection,
+    machine_id: int,
+    desc: DomainDescriptorV1,
+    domain_id: int,
+    fields: tuple[str, ...] = GEOMETRY_FIELDS,
+) -> list[str]:
+    """How a domain descriptor differs from the preserved domain it names (its row keeps the geometry)."""
+    row = conn.execute(
+        select(DomainRow.__table__).where(DomainRow.id == domain_id, DomainRow.machine_id == machine_id)
     ).first()
     if row is None:
-        raise BadData(f"handover entry {token:#x} names domain {domain_id}, which does not exist")
-    if desc.format != row.format:
-        raise BadData(
-            f"descriptor of token {token:#x} says format {desc.format}, but domain {domain_id} is {row.format}"
-        )
-    fmt = get_format(row.format)
+        return [f"it names domain {domain_id}, which does not exist"]
+    fmt, features, vasz = stored_geometry(row._mapping)
+    if row.state != "preserved":
+        return [f"it names domain {domain_id}, which is {row.state}, not preserved"]
+    stored = {
+        "format": row.format,
+        "top_table_phys": row.top_phys,
+        "top_level": row.top_level,
+        "vasz": vasz,
+        "sign_extend": fmt.effective(Feature.SIGN_EXTEND, features),
+    }
+    return [
+        f"{field} is {_shown(getattr(desc, field))} but domain {domain_id} has {_shown(value)}"
+        for field, value in stored.items()
+        if field in fields and getattr(desc, field) != value
+    ]
+
+
+def _shown(value: object) -> str:
+    return hex(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0xFFFF else str(value)
+
+
+def _check_against_old_domain(
+    tx: Transaction, desc: DomainDescriptorV1, domain_id: int, token: int, fields: tuple[str, ...] = GEOMETRY_FIELDS
+) -> None:
+    """The descriptor must describe the domain whose frames it hands over, field by field: the same
+    frames under another format, top, level, VA size or sign extension translate other IOVAs."""
+    problems = descriptor_mismatches(tx.conn, tx.machine.id, desc, domain_id, fields)
+    if problems:
+        raise BadData(f"descriptor of token {token:#x}: {'; '.join(problems)}")
+
+
+def _check_restorable(tx: Transaction, prev: int, entry: StoredEntry) -> None:
+    """The entry names a domain that may be restored now: not yet restored, its session retrieved."""
+    from .sessions import require_retrieved
+
+    token = entry.token
     try:
-        old_se = fmt.effective(Feature.SIGN_EXTEND, frozenset(Feature(f) for f in row.features))
-    except ValueError as e:
-        raise BadData(f"domain {domain_id}: {e}") from e
-    if desc.sign_extend != old_se:
-        raise BadData(
-            f"descriptor of token {token:#x} has sign_extend={desc.sign_extend}, but domain {domain_id} "
-            f"{'is' if old_se else 'is not'} sign-extended"
-        )
+        if entry.kind != "domain":
+            raise InvalidArgument(f"token {token:#x} names a preserved {entry.kind}, not a domain")
+        markers = restore_marker_problems(tx.conn, entry, tx.machine.boot_id)
+        if markers:
+            raise BadData(markers[0])
+        if entry.session_id is not None:
+            require_retrieved(tx, entry.session_id)
+        if entry.restored_boot_id is not None:
+            raise AlreadyExists(f"token {token:#x} has already been restored, as domain {entry.restored_domain_id}")
+    except IommuptError as e:
+        if not isinstance(e, BadData):
+            # an edited handover is bad data, even where it would otherwise look like a plain refusal
+            verify_handover(tx.conn, tx.machine.id, prev)
+        raise
 
 
-@atomic
-def restore_domain(tx: Transaction, token: int) -> Domain:
-    """Restore the domain the previous boot preserved under ``token``: all or nothing."""
-    from .sessions import reattach_devices, require_retrieved
-
-    entry = _find_incoming(tx, token)
-    if entry.kind != "domain":
-        raise InvalidArgument(f"token {token:#x} names a preserved {entry.kind}, not a domain")
-    if entry.session_id is not None:
-        require_retrieved(tx, entry.session_id)
-    if entry.restored_boot_id is not None:
-        raise AlreadyExists(f"token {token:#x} has already been restored (as domain {entry.restored_domain_id})")
+def _checked_handover(
+    tx: Transaction, prev: int, entry: StoredEntry
+) -> tuple[DomainDescriptorV1, int, list[tuple[int, int]]]:
+    """The entry's descriptor, old domain and preserved tables (pfn, level), once everything that
+    describes them is proven to be what the previous boot recorded."""
+    token = entry.token
     if entry.compatible != DOMAIN_COMPATIBLE:
         raise BadData(f"handover entry {token:#x} has compatible {entry.compatible!r}: no handler for it")
     desc = parse_domain_descriptor(entry.descriptor, f"descriptor of token {token:#x}")
-    _validate_geometry(desc)
+    validate_geometry(desc)
     if entry.domain_id is None:
         raise BadData(f"handover entry {token:#x} names no domain")
-    _check_against_old_domain(tx, desc, entry.domain_id, token)
-    preserved = kho.preserved_by(tx, owner_tag(entry.domain_id), kho.incoming_boot_id(tx))
-    frames = _walk_preserved(tx, desc, preserved, entry.domain_id)
+    old = entry.domain_id
+    # a wrong format or sign extension would make the walk below decode the frames as something else
+    _check_against_old_domain(tx, desc, old, token, ("format", "sign_extend"))
+    preserved = kho.preserved_by(tx, owner_tag(old), prev)
+    frames = _walk_preserved(tx, desc, preserved, old)
     unreached = sorted(set(preserved) - {pfn for pfn, _ in frames})
     if unreached:
         # the descriptor decodes less than was handed over (e.g. a narrowed vasz): restoring it would
         # change translations and leave preserved tables behind
         raise BadData(
             f"descriptor of token {token:#x} does not reach {len(unreached)} frame(s) preserved for domain "
-            f"{entry.domain_id}: {[hex(p) for p in unreached[:4]]}"
+            f"{old}: {[hex(p) for p in unreached[:4]]}"
         )
+    _check_against_old_domain(tx, desc, old, token)
+    # nothing is trusted that the previous boot did not record: the whole handover must match its seal
+    verify_handover(tx.conn, tx.machine.id, prev)
+    return desc, old, frames
+
+
+@atomic
+@reads_stored_rows
+def restore_domain(tx: Transaction, token: int) -> Domain:
+    """Restore the domain the previous boot preserved under ``token``: all or nothing."""
+    from .sessions import reattach_devices
+
+    prev = kho.incoming_boot_id(tx)  # explains a cold reboot or a first boot
+    entry = _find_incoming(tx, token)
+    _check_restorable(tx, prev, entry)
+    desc, old_id, frames = _checked_handover(tx, prev, entry)
 
     # A fresh domain of the same format, whose own top is freed in favour of the preserved one.
     dom = domain_alloc(tx, desc.format)
     pt = dom.pt
     pt.frames.free_tables([pt.top_phys])
-    kho.restore_pages(tx, [(pfn, 0) for pfn, _ in frames], owner_tag(entry.domain_id))
+    kho.restore_pages(tx, [(pfn, 0) for pfn, _ in frames], owner_tag(old_id))
     for pfn, level in frames:
         # the frames change hands; the old kernel's per-frame state (incoherent) is stale
         tx.memory.set_meta(pfn, domain_id=dom.id, level=level, incoherent=False)
@@ -322,8 +364,8 @@ def restore_domain(tx: Transaction, token: int) -> Domain:
     pt.features = frozenset({Feature.SIGN_EXTEND}) if desc.sign_extend else frozenset()
     pt.top_phys, pt.top_level = desc.top_table_phys, desc.top_level
     dom.set_state("restored")
-    tx.conn.execute(update(DomainRow).where(DomainRow.id == entry.domain_id).values(state="freed", top_phys=None))
-    old = tx.cache.get("domains", {}).pop(entry.domain_id, None)
+    tx.conn.execute(update(DomainRow).where(DomainRow.id == old_id).values(state="freed", top_phys=None))
+    old = tx.cache.get("domains", {}).pop(old_id, None)
     if old is not None:
         old._dirty = False
     tx.conn.execute(

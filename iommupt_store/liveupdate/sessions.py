@@ -15,10 +15,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Connection, delete, insert, select, update
 
 from ..crash import crashpoint
 from ..db.models import Boot, Device, HandoverEntry, LuoSession
+from ..db.rows import reads_stored_rows, required
 from ..descriptors import (
     DEVICE_COMPATIBLE,
     DeviceDescriptorV1,
@@ -27,14 +28,17 @@ from ..descriptors import (
     parse_device_descriptor,
 )
 from ..devices import bdf_fields, get_device, reattach_restored
-from ..errors import AlreadyExists, Busy, InvalidArgument, NotFound, NotPermitted
+from ..errors import AlreadyExists, BadData, Busy, InvalidArgument, NotFound, NotPermitted
 from ..machine import Transaction, atomic
 from ..names import SESSION_NAME_BYTES, check_session_name
 from ..reports import FinishReport, SessionInfo
 from . import kho
-from .iommu import owner_tag, preserve_domain, unpreserve_domain
+from .digests import owner_tag
+from .integrity import compute_digests, verify_handover
+from .iommu import preserve_domain, unpreserve_domain
 
 MAX_NAME_BYTES = SESSION_NAME_BYTES
+SESSION_STATES = ("open", "sealed", "retrieved", "finished", "discarded")
 
 
 def _check_name(name: str) -> None:
@@ -59,7 +63,9 @@ def _outgoing(tx: Transaction, name: str) -> Any:
 
 
 def _incoming(tx: Transaction, name: str) -> Any:
+    """A session the previous boot handed over; the handover must be as that boot sealed it."""
     prev = kho.incoming_boot_id(tx)
+    verify_handover(tx.conn, tx.machine.id, prev)
     row = (
         tx.conn.execute(
             select(LuoSession.__table__).where(
@@ -95,13 +101,7 @@ def preserve_domain_in_session(tx: Transaction, name: str, domain_id: int, token
     session = _outgoing(tx, name)
     if session["state"] != "open":
         raise NotPermitted(f"session {name!r} is {session['state']}")
-    desc = preserve_domain(tx, domain_id, token)
-    tx.conn.execute(
-        update(HandoverEntry)
-        .where(HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.token == token)
-        .values(session_id=session["id"])
-    )
-    return desc
+    return preserve_domain(tx, domain_id, token, session_id=session["id"])
 
 
 @atomic
@@ -136,18 +136,17 @@ def preserve_device(tx: Transaction, name: str, bdf: str, token: int) -> DeviceD
         domain_token=dom_entry.token,
         owner=dev["owner"] or "",
     )
-    tx.conn.execute(
-        insert(HandoverEntry).values(
-            machine_id=tx.machine.id,
-            boot_id=tx.machine.boot_id,
-            token=token,
-            compatible=DEVICE_COMPATIBLE,
-            descriptor=dump_descriptor(desc),
-            kind="device",
-            device_id=dev["id"],
-            session_id=session["id"],
-        )
-    )
+    fields: dict[str, Any] = {
+        "machine_id": tx.machine.id,
+        "boot_id": tx.machine.boot_id,
+        "token": token,
+        "compatible": DEVICE_COMPATIBLE,
+        "descriptor": dump_descriptor(desc),
+        "kind": "device",
+        "device_id": dev["id"],
+        "session_id": session["id"],
+    }
+    tx.conn.execute(insert(HandoverEntry).values(**fields, **compute_digests(tx.conn, **fields)))
     return desc
 
 
@@ -196,6 +195,7 @@ def seal_sessions(tx: Transaction) -> None:
 
 # -- boot N+1 -----------------------------------------------------------------------------------
 @atomic
+@reads_stored_rows
 def retrieve_session(tx: Transaction, name: str) -> SessionInfo:
     session = _incoming(tx, name)
     if session["state"] != "sealed":
@@ -211,30 +211,88 @@ def retrieve_session(tx: Transaction, name: str) -> SessionInfo:
 
 def require_retrieved(tx: Transaction, session_id: int) -> None:
     """Objects of a session can be restored only once the session was retrieved in this boot."""
-    row = tx.conn.execute(
-        select(LuoSession.name, LuoSession.state, LuoSession.retrieved_boot_id).where(LuoSession.id == session_id)
-    ).one()
+    s = LuoSession
+    row = required(
+        tx.conn.execute(
+            select(s.name, s.state, s.retrieved_boot_id, s.finished_at.is_(None).label("unfinished")).where(
+                s.id == session_id
+            )
+        ).first(),
+        f"luo_session row {session_id}",
+    )
+    if not _possible_state(row.state, row.retrieved_boot_id is not None, not row.unfinished):
+        retrieved = (
+            "never retrieved" if row.retrieved_boot_id is None else f"retrieved in boot row {row.retrieved_boot_id}"
+        )
+        raise BadData(
+            f"luo_session row {session_id} ({row.name!r}) is {row.state!r}, {retrieved} and "
+            f"with{'out' if row.unfinished else ''} a finish time: that is not a possible state"
+        )
     if row.state != "retrieved" or row.retrieved_boot_id != tx.machine.boot_id:
         raise NotPermitted(f"session {row.name!r} is {row.state}: retrieve it before restoring its objects")
+
+
+def _possible_state(state: str, retrieved: bool, finished: bool) -> bool:
+    """Retrieval is recorded exactly for retrieved and finished sessions, a finish time for finished ones."""
+    if state not in SESSION_STATES or finished != (state == "finished"):
+        return False
+    return state == "discarded" or retrieved == (state in ("retrieved", "finished"))
 
 
 def reattach_devices(tx: Transaction, session_id: int, domain_token: int, domain_id: int) -> list[str]:
     """After a domain's restore: its preserved devices now go through the restored domain."""
     h = HandoverEntry
     done = []
-    for entry_id, desc_raw, device_id in tx.conn.execute(
-        select(h.id, h.descriptor, h.device_id).where(h.session_id == session_id, h.kind == "device")
+    for entry_id, token, desc_raw, device_id, old_domain in tx.conn.execute(
+        select(h.id, h.token, h.descriptor, h.device_id, dom_entry_domain(h.boot_id, h.session_id, domain_token)).where(
+            h.session_id == session_id, h.kind == "device"
+        )
     ).all():
-        desc = parse_device_descriptor(desc_raw, "device descriptor")
-        if desc.domain_token != domain_token or device_id is None:
+        desc = parse_device_descriptor(desc_raw, f"descriptor of device entry {token:#x}")
+        if desc.domain_token != domain_token:
             continue
+        problems = preserved_device_mismatches(tx.conn, tx.machine.id, device_id, desc, old_domain)
+        if problems:
+            raise BadData(f"device entry {token:#x}: {problems[0]}")
         reattach_restored(tx, device_id, domain_id)
         tx.conn.execute(update(h).where(h.id == entry_id).values(restored_boot_id=tx.machine.boot_id))
         done.append(desc.bdf)
     return done
 
 
+def dom_entry_domain(boot_id: Any, session_id: Any, token: int) -> Any:
+    """SQL: the domain of the domain entry under ``token`` in the same boot and session."""
+    d = HandoverEntry.__table__.alias("dom_entry")
+    return (
+        select(d.c.domain_id)
+        .where(d.c.boot_id == boot_id, d.c.session_id == session_id, d.c.token == token, d.c.kind == "domain")
+        .scalar_subquery()
+    )
+
+
+def preserved_device_mismatches(
+    conn: Connection, machine_id: int, device_id: int | None, desc: DeviceDescriptorV1, old_domain: int | None
+) -> list[str]:
+    """How a device row differs from the attachment its (not yet re-made) preserved entry describes:
+    the same PCI address and owner, still on the preserved domain with the preserved DID."""
+    dev = conn.execute(
+        select(Device.bdf, Device.owner, Device.domain_id, Device.did).where(
+            Device.id == device_id, Device.machine_id == machine_id
+        )
+    ).first()
+    if dev is None:
+        return [f"it names device row {device_id}, which does not exist"]
+    if old_domain is None:
+        return [f"its domain token {desc.domain_token:#x} names no domain entry of its session"]
+    stored = {"bdf": dev.bdf, "owner": dev.owner or "", "domain": dev.domain_id, "did": dev.did}
+    wanted = {"bdf": desc.bdf, "owner": desc.owner, "domain": old_domain, "did": desc.did}
+    return [
+        f"the device row's {k} is {stored[k]!r}, preserved as {wanted[k]!r}" for k in stored if stored[k] != wanted[k]
+    ]
+
+
 @atomic
+@reads_stored_rows
 def finish_session(tx: Transaction, name: str) -> FinishReport:
     """Complete a retrieved session: all objects must be able to finish, else EBUSY and nothing changes."""
     session = _incoming(tx, name)
@@ -250,7 +308,10 @@ def finish_session(tx: Transaction, name: str) -> FinishReport:
     for _token, kind, _domain_id, device_id, _restored in entries:
         if kind != "device":
             continue  # a domain can always finish: restored, or reported as never reclaimed
-        dev = tx.conn.execute(select(Device.bdf, Device.boot_id, Device.domain_id).where(Device.id == device_id)).one()
+        dev = required(
+            tx.conn.execute(select(Device.bdf, Device.boot_id, Device.domain_id).where(Device.id == device_id)).first(),
+            f"device row {device_id}",
+        )
         if dev.domain_id is not None and dev.boot_id != tx.machine.boot_id:
             blocked.append(dev.bdf)
     if blocked:
@@ -262,7 +323,12 @@ def finish_session(tx: Transaction, name: str) -> FinishReport:
     prev = session["boot_id"]
     for token, kind, domain_id, device_id, restored in entries:
         if kind == "device":
-            devices.append(tx.conn.execute(select(Device.bdf).where(Device.id == device_id)).scalar_one())
+            devices.append(
+                required(
+                    tx.conn.execute(select(Device.bdf).where(Device.id == device_id)).scalar(),
+                    f"device row {device_id}",
+                )
+            )
         elif restored is not None:
             reclaimed.append(token)
         else:
@@ -284,19 +350,27 @@ def finish_session(tx: Transaction, name: str) -> FinishReport:
     )
 
 
+@reads_stored_rows
 def session_info(tx: Transaction, session_id: int) -> SessionInfo:
-    row = tx.conn.execute(
-        select(LuoSession.name, LuoSession.state, Boot.number, LuoSession.retrieved_boot_id)
-        .join(Boot, Boot.id == LuoSession.boot_id)
-        .where(LuoSession.id == session_id)
-    ).one()
+    row = required(
+        tx.conn.execute(
+            select(LuoSession.name, LuoSession.state, Boot.number, LuoSession.retrieved_boot_id)
+            .join(Boot, Boot.id == LuoSession.boot_id)
+            .where(LuoSession.id == session_id)
+        ).first(),
+        f"luo_session row {session_id} or its boot",
+    )
     objects = len(tx.conn.execute(select(HandoverEntry.id).where(HandoverEntry.session_id == session_id)).all())
     retrieved = None
     if row.retrieved_boot_id is not None:
-        retrieved = tx.conn.execute(select(Boot.number).where(Boot.id == row.retrieved_boot_id)).scalar_one()
+        retrieved = required(
+            tx.conn.execute(select(Boot.number).where(Boot.id == row.retrieved_boot_id)).scalar(),
+            f"boot row {row.retrieved_boot_id} (luo_session row {session_id} was retrieved in it)",
+        )
     return SessionInfo(name=row.name, boot=row.number, state=row.state, objects=objects, retrieved_in_boot=retrieved)
 
 
+@reads_stored_rows
 def list_sessions(tx: Transaction) -> list[SessionInfo]:
     ids = tx.conn.execute(
         select(LuoSession.id).where(LuoSession.machine_id == tx.machine.id).order_by(LuoSession.id)

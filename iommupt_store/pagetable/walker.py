@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ..errors import BadData
 from ..formats.base import ITEMS_PER_TABLE, U64_MASK, EntryType, Feature, PageTableFormat, item_lg2sz
 
 _ITEMS = struct.Struct(f"<{ITEMS_PER_TABLE}Q")
@@ -51,8 +52,8 @@ class TableInfo:
     children: list[TableInfo] = field(default_factory=list)
 
 
-class WalkError(Exception):
-    """The table structure itself is broken (cycle, foreign page, bad size)."""
+class WalkError(BadData):
+    """The table structure itself is broken (cycle, foreign page, bad size): bad stored data."""
 
 
 class HardwareWalker:
