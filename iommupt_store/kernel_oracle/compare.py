@@ -49,18 +49,24 @@ def compare(kernel: ScenarioCapture, ours: ScenarioCapture, expected: list[str] 
     """``expected``: the scenario's expected result per call (``ok`` or an errno name), if known."""
     diffs: list[Difference] = []
     if kernel.pgsizes != ours.pgsizes:
-        diffs.append(Difference(kind="pgsizes", where="page-size bitmap", kernel=f"{kernel.pgsizes:#x}",
-                                ours=f"{ours.pgsizes:#x}"))
+        diffs.append(
+            Difference(
+                kind="pgsizes", where="page-size bitmap", kernel=f"{kernel.pgsizes:#x}", ours=f"{ours.pgsizes:#x}"
+            )
+        )
     if kernel.top_level != ours.top_level:
-        diffs.append(Difference(kind="top_level", where="top level", kernel=str(kernel.top_level),
-                                ours=str(ours.top_level)))
+        diffs.append(
+            Difference(kind="top_level", where="top level", kernel=str(kernel.top_level), ours=str(ours.top_level))
+        )
     for i, (k, o) in enumerate(zip(kernel.calls, ours.calls, strict=True)):
         where = f"call {i}: {k.op} {k.iova:#x} size {k.size:#x}"
         k_text, o_text = _result_text(k.op, k.errno, k.unmapped), _result_text(o.op, o.errno, o.unmapped)
         if k_text != o_text:
             diffs.append(Difference(kind="call", where=where, kernel=k_text, ours=o_text))
         if expected is not None and errno_text(k.errno) != expected[i]:
-            diffs.append(Difference(kind="expect", where=where, kernel=errno_text(k.errno), ours=f"expected {expected[i]}"))
+            diffs.append(
+                Difference(kind="expect", where=where, kernel=errno_text(k.errno), ours=f"expected {expected[i]}")
+            )
     tables, words = 0, 0
     if kernel.top_level == ours.top_level:
         tables, words = _compare_tables(kernel, ours, diffs)

@@ -63,7 +63,8 @@ def run_batch(files: OracleFiles, scenarios: list[Scenario], vendor: Vendor) -> 
 
 def _follow(guest: Guest, scenarios: list[Scenario], vendor: Vendor) -> list[ScenarioCapture]:
     out: list[ScenarioCapture] = []
-    pgsizes, ranges = 0, []
+    pgsizes = 0
+    ranges: list[tuple[int, int]] = []
     calls: list[CallResult] = []
     todo = list(scenarios)
     for line in guest.lines():

@@ -100,7 +100,7 @@ def _dynamic(path: Path) -> bool:
     head = path.read_bytes()
     if head[:4] != b"\x7fELF" or head[4] != 2:
         return True
-    phoff, = struct.unpack_from("<Q", head, 0x20)
+    (phoff,) = struct.unpack_from("<Q", head, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
     return any(struct.unpack_from("<I", head, phoff + i * phentsize)[0] == 3 for i in range(phnum))
 

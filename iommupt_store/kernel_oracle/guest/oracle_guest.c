@@ -94,10 +94,18 @@ static void *alloc_buffer(size_t len, int huge)
 	}
 	if (addr == MAP_FAILED)
 		die(huge ? "mmap-hugetlb" : "mmap");
-	/* Fault the pages in from the top down, so scattered buffers are not one physical run. */
-	for (size_t off = len; off > 0;) {
-		off -= huge ? HUGE : PAGE;
-		((volatile char *)addr)[off] = 1;
+	/*
+	 * Scattered buffers fault their pages in from the top down, so they are not one physical run;
+	 * hugetlb buffers bottom up, so neighbouring huge pages can form runs larger than 2M.
+	 */
+	if (huge) {
+		for (size_t off = 0; off < len; off += HUGE)
+			((volatile char *)addr)[off] = 1;
+	} else {
+		for (size_t off = len; off > 0;) {
+			off -= PAGE;
+			((volatile char *)addr)[off] = 1;
+		}
 	}
 	if (nbufs == MAX_BUFS)
 		die("too-many-buffers");

@@ -1,0 +1,137 @@
+"""``python -m iommupt_store.kernel_oracle``: check the engine against a real Linux kernel."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from pydantic import ValidationError
+
+from ..errors import BadData, IommuptError
+from .capture import Capture, ScenarioCapture, Vendor
+from .compare import ScenarioReport, compare
+from .guest_run import run_batch
+from .replay import replay
+from .report import RunReport, VendorRun, render, summarize
+from .scenario import Scenario, load_scenario, shipped_scenarios
+from .setup import KERNEL_ABI, default_cache, ready, setup
+
+EXIT_DIFFERENT = 1
+
+
+def _fail(err: IommuptError) -> None:
+    click.echo(f"error: {err}", err=True)
+    sys.exit(65 if isinstance(err, BadData) else 1)
+
+
+def _emit(report: RunReport, as_json: bool) -> None:
+    if as_json:
+        click.echo(report.model_dump_json(indent=1))
+    else:
+        click.echo(render(report), err=True)
+    if not report.matches:
+        sys.exit(EXIT_DIFFERENT)
+
+
+cache_option = click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the kernel and guest program live "
+    "(default $IOMMUPT_ORACLE_CACHE or ~/.cache/iommupt-store/kernel-oracle).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Check iommupt-store's page tables against a real Linux kernel booted under QEMU.
+
+    The kernel (Debian's 7.3.4) maps DMA through VFIO type1 behind an emulated Intel (vtdss) or AMD
+    (amdv1) IOMMU; its tables are dumped from guest memory and compared, word for word, with what
+    our engine builds for the same calls. Exit status: 0 all match, 1 a difference (or the oracle
+    could not run), 2 usage, 65 a bad scenario or capture file.
+    """
+
+
+@main.command("setup")
+@cache_option
+def setup_cmd(cache: Path | None) -> None:
+    """Fetch the kernel (about 120 MB, once) and build the guest program."""
+    try:
+        for line in setup(cache or default_cache()):
+            click.echo(line, err=True)
+    except IommuptError as e:
+        _fail(e)
+
+
+@main.command("list")
+def list_cmd() -> None:
+    """The scenarios shipped with iommupt-store."""
+    for path in shipped_scenarios():
+        try:
+            s = load_scenario(str(path))
+        except IommuptError as e:
+            _fail(e)
+        click.echo(f"{s.name:16} {len(s.calls):3} calls  {s.description}")
+
+
+@main.command("run")
+@click.argument("scenarios", nargs=-1)
+@click.option("--vendor", type=click.Choice(["intel", "amd", "both"]), default="both", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option("--save-capture", type=click.Path(dir_okay=False, path_type=Path), help="Keep what the kernel did.")
+@cache_option
+def run_cmd(
+    scenarios: tuple[str, ...], vendor: str, as_json: bool, save_capture: Path | None, cache: Path | None
+) -> None:
+    """Run SCENARIOS (files or shipped names; all shipped ones by default) in the real kernel and compare."""
+    try:
+        loaded: list[Scenario] = [load_scenario(s) for s in scenarios] or [
+            load_scenario(str(p)) for p in shipped_scenarios()
+        ]
+        names = [s.name for s in loaded]
+        if len(set(names)) != len(names):
+            raise BadData(f"scenario names must be unique in one run: {names}")
+        files = ready(cache or default_cache())
+        vendors: list[Vendor] = ["intel", "amd"] if vendor == "both" else [vendor]  # type: ignore[list-item]
+        runs: list[VendorRun] = []
+        reports: list[ScenarioReport] = []
+        captured: list[ScenarioCapture] = []
+        for v in vendors:
+            capture, seconds = run_batch(files, loaded, v)
+            runs.append(VendorRun(vendor=v, seconds=round(seconds, 1)))
+            captured.extend(capture.scenarios)
+            for kernel, scenario in zip(capture.scenarios, loaded, strict=True):
+                reports.append(compare(kernel, replay(kernel), [c.expect for c in scenario.calls]))
+        if save_capture is not None:
+            save_capture.write_text(Capture(scenarios=captured).model_dump_json() + "\n")
+    except IommuptError as e:
+        _fail(e)
+    except OSError as e:
+        _fail(IommuptError(str(e)))
+    _emit(summarize(KERNEL_ABI, runs, reports), as_json)
+
+
+@main.command("compare")
+@click.argument("capture", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def compare_cmd(capture: Path, as_json: bool) -> None:
+    """Compare a saved capture (run --save-capture) with the engine again, without QEMU."""
+    try:
+        try:
+            data = Capture.model_validate_json(capture.read_bytes())
+        except OSError as e:
+            raise IommuptError(f"{capture}: cannot read: {e.strerror}") from None
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise BadData(f"{capture}: {'.'.join(map(str, err['loc'])) or 'capture'}: {err['msg']}") from None
+        reports: list[ScenarioReport] = [compare(k, replay(k)) for k in data.scenarios]
+    except IommuptError as e:
+        _fail(e)
+    kernels = sorted({k.kernel for k in data.scenarios}) or [KERNEL_ABI]
+    _emit(summarize(", ".join(kernels), [], reports), as_json)
+
+
+if __name__ == "__main__":
+    main(prog_name="python -m iommupt_store.kernel_oracle")
