@@ -33,7 +33,7 @@ def decode_intel(word: int, level: int) -> Item:
     """VT-d second-stage entry: R bit 0, W bit 1, SNP bit 11, PS (page size) bit 7 above level 0."""
     if not word & 0b11:
         return EMPTY
-    flags = "".join(n for n, b in (("R", 0), ("W", 1), ("SNP", 11)) if word >> b & 1)
+    flags = " ".join(n for n, b in (("R", 0), ("W", 1), ("SNP", 11)) if word >> b & 1)
     if level > 0 and not word >> 7 & 1:
         return Item("table", word & ADDR_MASK, 0, flags)
     size = 1 << item_shift(level)
@@ -44,7 +44,7 @@ def decode_amd(word: int, level: int) -> Item:
     """AMD I/O page-table entry: PR bit 0, next level bits 11:9 (0 or 7 = a page), IR bit 61, IW 62."""
     if not word & 1:
         return EMPTY
-    flags = "".join(n for n, b in (("PR", 0), ("IR", 61), ("IW", 62), ("FC", 60)) if word >> b & 1)
+    flags = " ".join(n for n, b in (("PR", 0), ("IR", 61), ("IW", 62), ("FC", 60)) if word >> b & 1)
     next_level = word >> 9 & 7
     if next_level not in (0, 7):
         return Item("table", word & ADDR_MASK, 0, f"{flags} NL={next_level}")
