@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import click
 from pydantic import ValidationError
@@ -14,15 +17,29 @@ from .compare import ScenarioReport, compare
 from .guest_run import run_batch
 from .replay import replay
 from .report import RunReport, VendorRun, render, summarize
-from .scenario import Scenario, load_scenario, shipped_scenarios
+from .scenario import load_scenario, shipped_scenarios
 from .setup import KERNEL_ABI, default_cache, ready, setup
 
 EXIT_DIFFERENT = 1
 
 
-def _fail(err: IommuptError) -> None:
+def _fail(err: IommuptError) -> NoReturn:
     click.echo(f"error: {err}", err=True)
     sys.exit(65 if isinstance(err, BadData) else 1)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """One line on stderr instead of a traceback, with the documented exit code."""
+    try:
+        yield
+    except IommuptError as e:
+        _fail(e)
+    except OSError as e:
+        _fail(IommuptError(f"{e.filename or 'I/O'}: {e.strerror or e}"))
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
 
 
 def _emit(report: RunReport, as_json: bool) -> None:
@@ -58,22 +75,18 @@ def main() -> None:
 @cache_option
 def setup_cmd(cache: Path | None) -> None:
     """Fetch the kernel (about 120 MB, once) and build the guest program."""
-    try:
+    with _errors():
         for line in setup(cache or default_cache()):
             click.echo(line, err=True)
-    except IommuptError as e:
-        _fail(e)
 
 
 @main.command("list")
 def list_cmd() -> None:
     """The scenarios shipped with iommupt-store."""
-    for path in shipped_scenarios():
-        try:
+    with _errors():
+        for path in shipped_scenarios():
             s = load_scenario(str(path))
-        except IommuptError as e:
-            _fail(e)
-        click.echo(f"{s.name:16} {len(s.calls):3} calls  {s.description}")
+            click.echo(f"{s.name:16} {len(s.calls):3} calls  {s.description}")
 
 
 @main.command("run")
@@ -85,11 +98,12 @@ def list_cmd() -> None:
 def run_cmd(
     scenarios: tuple[str, ...], vendor: str, as_json: bool, save_capture: Path | None, cache: Path | None
 ) -> None:
-    """Run SCENARIOS (files or shipped names; all shipped ones by default) in the real kernel and compare."""
-    try:
-        loaded: list[Scenario] = [load_scenario(s) for s in scenarios] or [
-            load_scenario(str(p)) for p in shipped_scenarios()
-        ]
+    """Run SCENARIOS (files or shipped names; all shipped ones by default) in the real kernel and compare.
+
+    The guest has 512 MiB of memory and 64 huge pages of 2 MiB for a batch's buffers at any one time.
+    """
+    with _errors():
+        loaded = [load_scenario(s) for s in scenarios] or [load_scenario(str(p)) for p in shipped_scenarios()]
         names = [s.name for s in loaded]
         if len(set(names)) != len(names):
             raise BadData(f"scenario names must be unique in one run: {names}")
@@ -106,10 +120,6 @@ def run_cmd(
                 reports.append(compare(kernel, replay(kernel), [c.expect for c in scenario.calls]))
         if save_capture is not None:
             save_capture.write_text(Capture(scenarios=captured).model_dump_json() + "\n")
-    except IommuptError as e:
-        _fail(e)
-    except OSError as e:
-        _fail(IommuptError(str(e)))
     _emit(summarize(KERNEL_ABI, runs, reports), as_json)
 
 
@@ -118,17 +128,13 @@ def run_cmd(
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def compare_cmd(capture: Path, as_json: bool) -> None:
     """Compare a saved capture (run --save-capture) with the engine again, without QEMU."""
-    try:
+    with _errors():
         try:
             data = Capture.model_validate_json(capture.read_bytes())
-        except OSError as e:
-            raise IommuptError(f"{capture}: cannot read: {e.strerror}") from None
         except ValidationError as e:
             err = e.errors()[0]
             raise BadData(f"{capture}: {'.'.join(map(str, err['loc'])) or 'capture'}: {err['msg']}") from None
-        reports: list[ScenarioReport] = [compare(k, replay(k)) for k in data.scenarios]
-    except IommuptError as e:
-        _fail(e)
+        reports = [compare(k, replay(k)) for k in data.scenarios]
     kernels = sorted({k.kernel for k in data.scenarios}) or [KERNEL_ABI]
     _emit(summarize(", ".join(kernels), [], reports), as_json)
 

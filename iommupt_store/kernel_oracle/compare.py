@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import BadData
 from .capture import ScenarioCapture, Table
 from .decode import ADDR_MASK, DECODERS, Item, describe, item_shift
 
@@ -99,7 +100,7 @@ def _compare_tables(kernel: ScenarioCapture, ours: ScenarioCapture, diffs: list[
     todo = [(kernel.top, ours.top, kernel.top_level, 0)]
     while todo:
         k_phys, o_phys, level, base = todo.pop()
-        k_table, o_table = kernel.tables[k_phys], ours.tables[o_phys]
+        k_table, o_table = _table(kernel, k_phys, level), _table(ours, o_phys, level)
         tables += 1
         for i in range(512):
             kw, ow = k_table.words.get(i, 0), o_table.words.get(i, 0)
@@ -113,6 +114,13 @@ def _compare_tables(kernel: ScenarioCapture, ours: ScenarioCapture, diffs: list[
             elif kw != ow:
                 diffs.append(_word_diff(level, i, va, kw, ow, ki, oi))
     return tables, words
+
+
+def _table(capture: ScenarioCapture, phys: int, level: int) -> Table:
+    table = capture.tables.get(phys)
+    if table is None or table.level != level:
+        raise BadData(f"{capture.kernel} capture of {capture.scenario}: no level-{level} table at {phys:#x}")
+    return table
 
 
 def _word_diff(level: int, index: int, va: int, kw: int, ow: int, ki: Item, oi: Item) -> Difference:

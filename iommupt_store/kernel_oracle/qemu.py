@@ -8,6 +8,7 @@ registers and guest memory.
 from __future__ import annotations
 
 import contextlib
+import errno as _errno
 import re
 import shutil
 import socket
@@ -25,7 +26,8 @@ DEVICE_BDF = "0000:00:03.0"
 DEVICE_DEVFN = 0x18
 #: QEMU's device options per vendor: Intel second stage (legacy mode), AMD v1 tables
 IOMMU_DEVICE = {"intel": "intel-iommu,intremap=off,aw-bits=48", "amd": "amd-iommu,intremap=off"}
-BOOT_TIMEOUT = 240.0
+#: seconds the guest may stay silent (booting, or one scenario's calls) before we give up on it
+IDLE_TIMEOUT = 240.0
 _PROMPT = b"(qemu) "
 
 
@@ -35,6 +37,8 @@ class OracleError(IommuptError):
 
 class OracleUnavailable(OracleError):
     """A prerequisite is missing on this machine: tests skip on this, loudly."""
+
+    errno = _errno.ENOENT
 
 
 def qemu_binary() -> str:
@@ -73,17 +77,18 @@ class Guest:
             *("-kernel", str(files.kernel), "-initrd", str(files.initrd), "-append", append),
         ]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.deadline = time.monotonic() + BOOT_TIMEOUT
         try:
             self._mon = self._connect(mon)
             self._ctl = self._connect(ctl)
             self._read_until(self._mon, _PROMPT)
         except BaseException:
+            self.proc.kill()
             self.close()
             raise
         self._ctl_buf = b""
 
     def _connect(self, path: Path) -> socket.socket:
+        deadline = time.monotonic() + IDLE_TIMEOUT
         while True:
             if self.proc.poll() is not None:
                 out = self.proc.stdout.read().decode(errors="replace").strip() if self.proc.stdout else ""
@@ -92,13 +97,14 @@ class Guest:
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(str(path))
                 return s
-            if time.monotonic() > self.deadline:
+            if time.monotonic() > deadline:
                 raise OracleError(f"QEMU did not open {path.name}")
             time.sleep(0.05)
 
     def _read_until(self, sock: socket.socket, marker: bytes, buf: bytes = b"") -> tuple[bytes, bytes]:
+        deadline = time.monotonic() + IDLE_TIMEOUT
         while marker not in buf:
-            sock.settimeout(max(0.1, self.deadline - time.monotonic()))
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
             try:
                 chunk = sock.recv(65536)
             except TimeoutError:
