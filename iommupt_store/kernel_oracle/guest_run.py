@@ -22,6 +22,8 @@ from .setup import KERNEL_ABI, MODULES, OracleFiles
 INTEL_RTADDR = 0xFED90020  # root table address register of QEMU's intel-iommu
 AMD_DEVTAB = 0xFED80000  # device table base register of QEMU's amd-iommu
 HUGEPAGES = 64
+#: the guest program's numeric records and how many numbers each carries
+_ARITY = {"pgsizes": 1, "range": 2, "map": 2, "unmap": 3, "run": 3}
 
 
 def find_table(guest: Guest, vendor: Vendor) -> tuple[int, int]:
@@ -68,8 +70,17 @@ def _follow(guest: Guest, scenarios: list[Scenario], vendor: Vendor) -> list[Sce
     calls: list[CallResult] = []
     todo = list(scenarios)
     for line in guest.lines():
-        word, *rest = line.split()
-        args = [int(a, 16) for a in rest] if word in ("pgsizes", "range", "map", "run", "unmap") else []
+        word, *rest = line.split() or [""]
+        try:
+            args = [int(a, 16) for a in rest] if word in _ARITY else []
+        except ValueError:
+            args = []
+        if word in _ARITY and (
+            len(args) != _ARITY[word]
+            or (word in ("map", "unmap") and not (todo and args[0] == len(calls) < len(todo[0].calls)))
+            or (word == "run" and not 0 <= args[0] < len(calls))
+        ):
+            raise OracleError(f"unexpected record from the guest program: {line!r}")
         if word == "pgsizes":
             pgsizes, ranges, calls = args[0], [], []
         elif word == "range":
