@@ -10,7 +10,9 @@ from __future__ import annotations
 import struct
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 from .capture import CallResult, Capture, ScenarioCapture, Vendor, walk_tables
 from .decode import ADDR_MASK
@@ -26,7 +28,17 @@ HUGEPAGES = 64
 _ARITY = {"pgsizes": 1, "range": 2, "map": 2, "unmap": 3, "run": 3}
 
 
-def find_table(guest: Guest, vendor: Vendor) -> tuple[int, int]:
+class GuestPort(Protocol):
+    """What following a guest needs from it (a ``Guest``, or a stand-in in tests)."""
+
+    def lines(self) -> Iterator[str]: ...
+    def resume(self) -> None: ...
+    def read_u64(self, phys: int) -> int: ...
+    def read_page(self, phys: int) -> bytes: ...
+    def console_tail(self) -> str: ...
+
+
+def find_table(guest: GuestPort, vendor: Vendor) -> tuple[int, int]:
     """(top table address, top level) of the device's domain, read from the IOMMU's registers."""
     if vendor == "intel":
         root = guest.read_u64(guest.read_u64(INTEL_RTADDR) & ADDR_MASK)  # bus 0's root entry
@@ -63,7 +75,7 @@ def run_batch(files: OracleFiles, scenarios: list[Scenario], vendor: Vendor) -> 
     return Capture(scenarios=captures), time.monotonic() - start
 
 
-def _follow(guest: Guest, scenarios: list[Scenario], vendor: Vendor) -> list[ScenarioCapture]:
+def _follow(guest: GuestPort, scenarios: list[Scenario], vendor: Vendor) -> list[ScenarioCapture]:
     out: list[ScenarioCapture] = []
     pgsizes = 0
     ranges: list[tuple[int, int]] = []
