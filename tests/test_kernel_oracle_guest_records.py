@@ -113,14 +113,14 @@ def test_the_amd_device_table_gives_top_and_level() -> None:
     ["map 0", "map 0 zz", "run 9 1000 1000", "unmap 5 0 0", "map 1 0", "pgsizes", "range 1"],
 )
 def test_garbled_records_are_errors(bad: str) -> None:
-    records = RECORDS[:5] + [bad, *RECORDS[5:]]
+    records = [*RECORDS[:5], bad, *RECORDS[5:]]
     with pytest.raises(OracleError, match="unexpected record"):
         guest_run._follow(FakeGuest(records), [SCENARIO], "intel")
 
 
 def test_a_guest_that_stops_early_is_an_error() -> None:
     with pytest.raises(OracleError, match="stopped before scenario 'tiny'"):
-        guest_run._follow(FakeGuest(RECORDS[:6] + ["done"]), [SCENARIO], "intel")
+        guest_run._follow(FakeGuest([*RECORDS[:6], "done"]), [SCENARIO], "intel")
 
 
 def test_a_missing_context_entry_is_an_error() -> None:
