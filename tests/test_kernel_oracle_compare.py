@@ -89,7 +89,7 @@ def test_a_wrong_page_size_choice_fails_with_a_readable_diff(monkeypatch: pytest
     leaves = [d for d in report.differences if d.kind == "leaf"]
     assert leaves and any(d.ours == "missing" and d.kernel.startswith("0x200000 at") for d in leaves)
     text = render(summarize("7.3.4", [], [report]))
-    assert "intel table-free" in text and "kernel: 0x" in text and "    word: level 1 index" in text
+    assert "intel    table-free" in text and "kernel: 0x" in text and "    word: level 1 index" in text
 
 
 def test_a_changed_kernel_word_is_reported_with_both_decodings() -> None:

@@ -97,7 +97,7 @@ def test_a_flipped_engine_rule_fails_against_the_kernel(
     report = compare(kernel, replay(kernel))
     assert not report.matches
     text = render(summarize(kernel.kernel, [], [report]))
-    assert "amd   hugetlb-2m" in text and "DIFFERENT" in text
+    assert "amd      hugetlb-2m" in text and "DIFFERENT" in text
     assert "    word: level 1 index " in text and "kernel: 0x" in text and "ours:   0x" in text
 
 

@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .decode import DECODERS
 
-Vendor = Literal["intel", "amd"]
+#: the emulated IOMMU and the format it walks: intel (vtdss), amd (amdv1), intel-fs (x86_64)
+Vendor = Literal["intel", "amd", "intel-fs"]
 
 
 class _Model(BaseModel):

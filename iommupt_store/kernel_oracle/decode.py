@@ -59,7 +59,19 @@ def decode_amd(word: int, level: int) -> Item:
     return Item("leaf", word & ADDR_MASK & ~(size - 1), size, f"{flags} NL=7")
 
 
-DECODERS = {"intel": decode_intel, "amd": decode_amd}
+def decode_x86_64(word: int, level: int) -> Item:
+    """x86 4-level entry (Intel first stage): P bit 0, RW 1, US 2, PWT 3, PCD 4, A 5, D 6, PS 7, XD 63."""
+    if not word & 1:
+        return EMPTY
+    names = (("P", 0), ("RW", 1), ("US", 2), ("PWT", 3), ("PCD", 4), ("A", 5), ("D", 6), ("G", 8), ("XD", 63))
+    flags = " ".join(n for n, b in names if word >> b & 1)
+    if level > 0 and not word >> 7 & 1:
+        return Item("table", word & ADDR_MASK, 0, flags)
+    size = 1 << item_shift(level)
+    return Item("leaf", word & ADDR_MASK & ~(size - 1), size, f"{flags} PS" if level else flags)
+
+
+DECODERS = {"intel": decode_intel, "amd": decode_amd, "intel-fs": decode_x86_64}
 
 
 def describe(item: Item) -> str:

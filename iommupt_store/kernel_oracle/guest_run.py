@@ -40,6 +40,8 @@ class GuestPort(Protocol):
 
 def find_table(guest: GuestPort, vendor: Vendor) -> tuple[int, int]:
     """(top table address, top level) of the device's domain, read from the IOMMU's registers."""
+    if vendor == "intel-fs":
+        return _first_stage_table(guest)
     if vendor == "intel":
         root = guest.read_u64(guest.read_u64(INTEL_RTADDR) & ADDR_MASK)  # bus 0's root entry
         if not root & 1:
@@ -56,6 +58,25 @@ def find_table(guest: GuestPort, vendor: Vendor) -> tuple[int, int]:
     return dte & ADDR_MASK, mode - 1
 
 
+def _first_stage_table(guest: GuestPort) -> tuple[int, int]:
+    """Scalable mode: root entry, 256-bit context entry, PASID directory, then the PASID-table entry
+    of PASID 0 (the device's own DMA), whose third word holds the first-stage pointer and level mode."""
+    root = guest.read_u64(guest.read_u64(INTEL_RTADDR) & ADDR_MASK)  # lower half: devfn 0-127
+    if not root & 1:
+        raise OracleError("intel-iommu (scalable): bus 0 has no context table")
+    ctx = guest.read_u64((root & ADDR_MASK) + DEVICE_DEVFN * 32)
+    if not ctx & 1:
+        raise OracleError("intel-iommu (scalable): the device's context entry is not present")
+    pasid_dir = guest.read_u64(ctx & ADDR_MASK)
+    if not pasid_dir & 1:
+        raise OracleError("intel-iommu (scalable): PASID 0 has no PASID table")
+    entry = pasid_dir & ADDR_MASK
+    first, third = guest.read_u64(entry), guest.read_u64(entry + 16)
+    if not first & 1 or first >> 6 & 7 != 1:
+        raise OracleError(f"intel-iommu (scalable): PASID 0 does not translate with a first stage ({first:#x})")
+    return third & ADDR_MASK, 3 + (third >> 2 & 3)  # FLPM 0: 4 levels
+
+
 def run_batch(files: OracleFiles, scenarios: list[Scenario], vendor: Vendor) -> tuple[Capture, float]:
     """Boot once, run every scenario, capture each; returns the capture and the seconds it took."""
     start = time.monotonic()
@@ -70,7 +91,7 @@ def run_batch(files: OracleFiles, scenarios: list[Scenario], vendor: Vendor) -> 
             bdf=DEVICE_BDF,
             hugepages=HUGEPAGES,
         )
-        with Guest(GuestFiles(files.kernel, work / "initrd.gz", work), vendor) as guest:
+        with Guest(GuestFiles(files.kernel, work / "initrd.gz", work), vendor, qemu=files.qemu(vendor)) as guest:
             captures = _follow(guest, scenarios, vendor)
     return Capture(scenarios=captures), time.monotonic() - start
 

@@ -25,7 +25,12 @@ from ..errors import IommuptError
 DEVICE_BDF = "0000:00:03.0"
 DEVICE_DEVFN = 0x18
 #: QEMU's device options per vendor: Intel second stage (legacy mode), AMD v1 tables
-IOMMU_DEVICE = {"intel": "intel-iommu,intremap=off,aw-bits=48", "amd": "amd-iommu,intremap=off"}
+IOMMU_DEVICE = {
+    "intel": "intel-iommu,intremap=off,aw-bits=48",
+    "amd": "amd-iommu,intremap=off",
+    # Intel first stage: scalable mode with first-stage translation (QEMU 10 or newer)
+    "intel-fs": "intel-iommu,intremap=off,aw-bits=48,x-scalable-mode=on,x-flts=on",
+}
 #: seconds the guest may stay silent (booting, or one scenario's calls) before we give up on it
 IDLE_TIMEOUT = 240.0
 _PROMPT = b"(qemu) "
@@ -58,17 +63,17 @@ class GuestFiles:
 class Guest:
     """A running guest: ``lines()`` yields its records, ``monitor()`` runs HMP commands."""
 
-    def __init__(self, files: GuestFiles, vendor: str, *, mem_mib: int = 512) -> None:
+    def __init__(self, files: GuestFiles, vendor: str, *, qemu: list[str] | None = None, mem_mib: int = 512) -> None:
         if vendor not in IOMMU_DEVICE:
             raise OracleError(f"unknown vendor {vendor!r} (intel or amd)")
         self.files = files
         self.console = files.workdir / "console.log"
         mon, ctl = files.workdir / "monitor.sock", files.workdir / "control.sock"
         append = "console=ttyS0 iommu.passthrough=0 quiet loglevel=4"
-        if vendor == "intel":
+        if vendor.startswith("intel"):
             append += " intel_iommu=on"
         cmd = [
-            qemu_binary(),
+            *(qemu or [qemu_binary()]),
             *("-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2"),
             *("-m", str(mem_mib), "-display", "none", "-vga", "none", "-no-reboot", "-nodefaults"),
             *("-serial", f"file:{self.console}", "-serial", f"unix:{ctl},server=on,wait=off"),

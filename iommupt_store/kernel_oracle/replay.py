@@ -41,6 +41,10 @@ DRIVER_SETUP: dict[Vendor, DriverSetup] = {
         52,
         frozenset({Feature.DYNAMIC_TOP, Feature.AMDV1_ENCRYPT_TABLES, Feature.AMDV1_FORCE_COHERENCE}),
     ),
+    # intel-iommu in scalable mode with first-stage tables (QEMU 10): the x86 4-level format, lower half
+    "intel-fs": DriverSetup(
+        "x86_64", 3, 48, 52, frozenset({Feature.SIGN_EXTEND, Feature.FLUSH_RANGE, Feature.DMA_INCOHERENT})
+    ),
 }
 #: VFIO maps readable and writeable, and asks for cache-coherent DMA
 VFIO_PROT = Prot.READ | Prot.WRITE | Prot.CACHE

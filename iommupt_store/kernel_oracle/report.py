@@ -52,7 +52,7 @@ def render(report: RunReport) -> str:
     for r in report.scenarios:
         verdict = "match" if r.matches else f"DIFFERENT ({r.difference_count})"
         lines.append(
-            f"{r.vendor:5} {r.scenario:24} {r.calls:4} calls {r.tables:4} tables {r.words:8,} words "
+            f"{r.vendor:8} {r.scenario:24} {r.calls:4} calls {r.tables:4} tables {r.words:8,} words "
             f"{r.leaves:6,} leaves  {verdict}"
         )
         for d in r.differences[:LISTED_PER_SCENARIO]:

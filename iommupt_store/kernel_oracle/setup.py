@@ -34,6 +34,10 @@ MODULES = {
     "vfio-pci-core": "drivers/vfio/pci/vfio-pci-core.ko.xz",
     "vfio-pci": "drivers/vfio/pci/vfio-pci.ko.xz",
 }
+#: QEMU 10 from trixie, for Intel first-stage tables (QEMU 7.2 cannot emulate them); it runs with
+#: trixie's own loader and libraries, unpacked next to it, so nothing of the machine changes
+QEMU10_SUITE = "trixie"
+QEMU10_VERSION = "1:10.0.13+ds-0+deb13u1"
 BUSYBOX = Path("/bin/busybox")
 CACHE_ENV = "IOMMUPT_ORACLE_CACHE"
 
@@ -70,6 +74,27 @@ class OracleFiles:
     def manifest(self) -> Path:
         return self.root / "ready.json"
 
+    @property
+    def qemu10_root(self) -> Path:
+        return self.root / "qemu10"
+
+    def qemu(self, vendor: str) -> list[str] | None:
+        """The QEMU command for ``vendor``: None for the machine's own, else QEMU 10 from the cache."""
+        if vendor != "intel-fs":
+            return None
+        root = self.qemu10_root
+        if not (root / "usr" / "bin" / "qemu-system-x86_64").exists():
+            raise OracleUnavailable(
+                "Intel first stage needs QEMU 10: run python -m iommupt_store.kernel_oracle setup --with-qemu10"
+            )
+        libs = root / "usr" / "lib" / "x86_64-linux-gnu"
+        return [
+            str(root / "usr" / "lib64" / "ld-linux-x86-64.so.2"),
+            *("--library-path", str(libs)),
+            str(root / "usr" / "bin" / "qemu-system-x86_64"),
+            *("-L", str(root / "usr" / "share" / "qemu")),
+        ]
+
 
 def ready(cache: Path) -> OracleFiles:
     """The cache's files if ``setup`` completed for this version; OracleUnavailable otherwise."""
@@ -105,7 +130,7 @@ def _dynamic(path: Path) -> bool:
     return any(struct.unpack_from("<I", head, phoff + i * phentsize)[0] == 3 for i in range(phnum))
 
 
-def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
+def _run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
     try:
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, check=False)
     except FileNotFoundError:
@@ -115,40 +140,72 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
     if proc.returncode:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
         raise OracleUnavailable(f"{what} failed: {detail[-1] if detail else proc.returncode}")
+    return proc.stdout
 
 
-def _fetch_kernel(cache: Path, log: list[str]) -> None:
-    apt = cache / "apt"
+def _private_apt(root: Path, suite: str) -> list[str]:
+    """apt options for a configuration of its own under ``root`` naming only ``suite``; runs its update.
+
+    An empty package status makes apt resolve every dependency, as for an empty machine."""
     for d in ("lists/partial", "cache/archives/partial"):
-        (apt / d).mkdir(parents=True, exist_ok=True)
-    sources = apt / "sources.list"
-    sources.write_text(f"deb [signed-by={KEYRING}] {ARCHIVE} {SUITE} main\n")
+        (root / d).mkdir(parents=True, exist_ok=True)
+    sources, status = root / "sources.list", root / "status"
+    sources.write_text(f"deb [signed-by={KEYRING}] {ARCHIVE} {suite} main\n")
+    status.touch()
     opts = [
         f"-oDir::Etc::sourcelist={sources}",
         "-oDir::Etc::sourceparts=-",
-        f"-oDir::State::Lists={apt / 'lists'}",
-        f"-oDir::Cache={apt / 'cache'}",
+        f"-oDir::State::Lists={root / 'lists'}",
+        f"-oDir::State::status={status}",
+        f"-oDir::Cache={root / 'cache'}",
         "-oAPT::Sandbox::User=root",
+        "-oAPT::Install-Recommends=0",
         "-oDebug::NoLocking=1",
         "-qq",
     ]
-    _run(["apt-get", *opts, "update"], f"apt-get update of {SUITE} (is {ARCHIVE} reachable?)")
-    debs = cache / "debs"
-    debs.mkdir(exist_ok=True)
+    _run(["apt-get", *opts, "update"], f"apt-get update of {suite} (is {ARCHIVE} reachable?)")
+    return opts
+
+
+def _download_and_unpack(opts: list[str], wanted: list[str], dest: Path, work: Path) -> None:
+    debs = work / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    _run(["apt-get", *opts, "download", *wanted], f"download of {', '.join(wanted[:3])}...", cwd=debs)
+    for deb in sorted(debs.glob("*.deb")):
+        _run(["dpkg-deb", "-x", str(deb), str(dest)], f"unpacking {deb.name}")
+        deb.unlink()
+
+
+def _fetch_kernel(cache: Path, log: list[str]) -> None:
+    opts = _private_apt(cache / "apt", SUITE)
     wanted = [f"{p}={KERNEL_VERSION}" for p in PACKAGES]
-    _run(["apt-get", *opts, "download", *wanted], f"download of {', '.join(wanted)}", cwd=debs)
-    log.append(f"downloaded {', '.join(wanted)} from {ARCHIVE} {SUITE}")
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        for deb in sorted(debs.glob("*.deb")):
-            _run(["dpkg-deb", "-x", str(deb), tmp], f"unpacking {deb.name}")
+        _download_and_unpack(opts, wanted, Path(tmp), cache / "apt")
+        log.append(f"downloaded {', '.join(wanted)} from {ARCHIVE} {SUITE}")
         tree = Path(tmp) / "usr" / "lib" / "modules" / KERNEL_ABI
         kernel_dir = cache / "kernel" / "modules"
         kernel_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(tree / "vmlinuz", cache / "kernel" / "vmlinuz")
         for name, rel in MODULES.items():
             (kernel_dir / f"{name}.ko").write_bytes(lzma.decompress((tree / "kernel" / rel).read_bytes()))
-    for deb in debs.glob("*.deb"):
-        deb.unlink()  # unpacked what we need: 120 MB less in the cache
+
+
+def _fetch_qemu10(cache: Path, log: list[str]) -> None:
+    opts = _private_apt(cache / "apt-trixie", QEMU10_SUITE)
+    # the whole dependency closure as an empty machine would install it, by exact versions
+    uris = _run(["apt-get", *opts, "--print-uris", "install", f"qemu-system-x86={QEMU10_VERSION}"], "resolving QEMU 10")
+    wanted = []
+    for line in uris.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[1].endswith(".deb"):
+            name, version, _ = fields[1].split("_", 2)
+            wanted.append(f"{name}={version.replace('%3a', ':')}")
+    if not wanted:
+        raise OracleUnavailable(f"qemu-system-x86 {QEMU10_VERSION} is not in {QEMU10_SUITE}")
+    root = OracleFiles(cache).qemu10_root
+    shutil.rmtree(root, ignore_errors=True)
+    _download_and_unpack(opts, wanted, root, cache / "apt-trixie")
+    log.append(f"unpacked QEMU {QEMU10_VERSION} and {len(wanted) - 1} packages it needs from {QEMU10_SUITE}")
 
 
 def _build_guest(cache: Path, log: list[str]) -> None:
@@ -160,22 +217,24 @@ def _build_guest(cache: Path, log: list[str]) -> None:
     log.append(f"built {out}")
 
 
-def setup(cache: Path) -> list[str]:
-    """Fill ``cache`` (once: a ready cache is left alone); returns what was done."""
+def setup(cache: Path, *, qemu10: bool = False) -> list[str]:
+    """Fill ``cache`` (once: what is there is kept); returns what was done.
+
+    ``qemu10`` also fetches QEMU 10 for Intel first-stage tables (about 40 MB)."""
     log: list[str] = []
     check_host()
     cache.mkdir(parents=True, exist_ok=True)
     files = OracleFiles(cache)
     try:
         ready(cache)
-        return [f"already set up in {cache}"]
     except OracleUnavailable:
-        pass
-    if not (files.kernel.exists() and all(files.module(m).exists() for m in MODULES)):
-        _fetch_kernel(cache, log)
-    _build_guest(cache, log)
-    files.manifest.write_text(json.dumps({"kernel": KERNEL_VERSION, "abi": KERNEL_ABI, "suite": SUITE}) + "\n")
-    return log
+        if not (files.kernel.exists() and all(files.module(m).exists() for m in MODULES)):
+            _fetch_kernel(cache, log)
+        _build_guest(cache, log)
+        files.manifest.write_text(json.dumps({"kernel": KERNEL_VERSION, "abi": KERNEL_ABI, "suite": SUITE}) + "\n")
+    if qemu10 and not (files.qemu10_root / "usr" / "bin" / "qemu-system-x86_64").exists():
+        _fetch_qemu10(cache, log)
+    return log or [f"already set up in {cache}"]
 
 
 __all__ = ["KERNEL_ABI", "KERNEL_VERSION", "OracleError", "OracleFiles", "default_cache", "ready", "setup"]
