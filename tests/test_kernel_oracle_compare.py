@@ -1,7 +1,8 @@
 """Replay and compare against tables recorded from the real 7.3.4 kernel: no QEMU needed.
 
 ``data/kernel-7.3.4-capture.json.gz`` holds what the kernel did in five shipped scenarios on each
-vendor (results, physical runs, every table), recorded with ``run --save-capture``.
+vendor (Intel second stage, AMD v1, Intel first stage: results, physical runs, every table), recorded
+with ``run --save-capture``.
 """
 
 from __future__ import annotations
@@ -9,14 +10,16 @@ from __future__ import annotations
 import gzip
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from iommupt_store import formats
+from iommupt_store.kernel_oracle import replay as replay_mod
 from iommupt_store.kernel_oracle.capture import Capture, ScenarioCapture, Table
 from iommupt_store.kernel_oracle.compare import compare
-from iommupt_store.kernel_oracle.decode import decode_amd, decode_intel
+from iommupt_store.kernel_oracle.decode import ADDR_MASK, decode_amd, decode_intel
 from iommupt_store.kernel_oracle.replay import new_domain, replay
 from iommupt_store.kernel_oracle.report import render, summarize
 from iommupt_store.pagetable import engine
@@ -41,9 +44,9 @@ def test_recorded_kernel_tables_match_word_for_word(kernel: ScenarioCapture) -> 
 
 
 def test_the_kernels_page_size_bitmaps() -> None:
-    assert {s.vendor: s.pgsizes for s in recorded()} == {"intel": 0x40201000, "amd": 0x7F7FFFFFF000}
-    assert new_domain("intel").pgsize_bitmap == 0x40201000
-    assert new_domain("amd").pgsize_bitmap == 0x7F7FFFFFF000
+    expected = {"intel": 0x40201000, "amd": 0x7F7FFFFFF000, "intel-fs": 0x40201000}
+    assert {s.vendor: s.pgsizes for s in recorded()} == expected
+    assert {v: new_domain(v).pgsize_bitmap for v in expected} == expected  # type: ignore[arg-type]
 
 
 def test_the_recording_covers_what_matters() -> None:
@@ -70,6 +73,23 @@ def test_seed_era_page_sizes_fail_with_a_readable_diff(monkeypatch: pytest.Monke
     text = render(summarize("7.3.4", [], [report]))
     assert "DIFFERENT (1)" in text
     assert "kernel: 0x7f7ffffff000" in text and "ours:   0xff7ffffff000" in text
+
+
+def test_seed_era_x86_64_without_dma_incoherent_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed's era built DMA_INCOHERENT into debug builds only: its first-stage table pointers lack
+    the 'flushed' software bit that Linux 7.3 sets behind QEMU's non-snooping IOMMU."""
+    setup = replay_mod.DRIVER_SETUP["intel-fs"]
+    monkeypatch.setitem(
+        replay_mod.DRIVER_SETUP,
+        "intel-fs",
+        replace(setup, features=setup.features - {formats.Feature.DMA_INCOHERENT}),
+    )
+    kernel = by("intel-fs", "basic-4k")
+    report = compare(kernel, replay(kernel))
+    assert report.difference_count == report.tables - 1  # every table pointer, nothing else
+    first = report.differences[0]
+    assert first.kind == "word" and first.kernel.endswith("table (P RW US A)")
+    assert (int(first.kernel.split()[0], 16) ^ int(first.ours.split()[0], 16)) & ~ADDR_MASK == 0x200
 
 
 def test_a_wrong_page_size_choice_fails_with_a_readable_diff(monkeypatch: pytest.MonkeyPatch) -> None:

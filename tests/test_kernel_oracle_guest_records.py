@@ -10,6 +10,7 @@ import pytest
 
 from iommupt_store.kernel_oracle import guest_run
 from iommupt_store.kernel_oracle.compare import compare
+from iommupt_store.kernel_oracle.decode import decode_x86_64
 from iommupt_store.kernel_oracle.qemu import OracleError
 from iommupt_store.kernel_oracle.replay import replay
 from iommupt_store.kernel_oracle.scenario import Scenario
@@ -128,3 +129,25 @@ def test_a_missing_context_entry_is_an_error() -> None:
     guest.mem[0x11000 + DEVFN * 16] = 0
     with pytest.raises(OracleError, match="context entry is not present"):
         guest_run._follow(guest, [SCENARIO], "intel")
+
+
+def test_scalable_mode_pasid_walk_gives_the_first_stage_table() -> None:
+    guest = FakeGuest([])
+    rta, ctx, pasid_dir, pasid_table = 0x10000, 0x11000, 0x12000, 0x13000
+    guest.mem[0xFED90020] = rta | 1 << 10  # SMT: scalable-mode root table
+    guest.mem[rta] = ctx | 1
+    guest.mem[ctx + DEVFN * 32] = pasid_dir | 0x401
+    guest.mem[pasid_dir] = pasid_table | 1
+    guest.mem[pasid_table] = 0x49  # present, AW=2, PGTT=1 (first stage)
+    guest.mem[pasid_table + 16] = 0x50000  # FLPTR, FLPM=0: 4 levels
+    assert guest_run.find_table(guest, "intel-fs") == (0x50000, 3)
+    guest.mem[pasid_table] = 0x89  # PGTT=2: a second stage, not what we compare
+    with pytest.raises(OracleError, match="first stage"):
+        guest_run.find_table(guest, "intel-fs")
+
+
+def test_x86_64_decoder() -> None:
+    assert decode_x86_64(0, 1).kind == "empty"
+    assert decode_x86_64(0x2E44227, 2) == ("table", 0x2E44000, 0, "P RW US A")
+    assert decode_x86_64(0x400000E7, 1) == ("leaf", 0x40000000, 2 << 20, "P RW US A D PS")
+    assert decode_x86_64(0x5065, 0) == ("leaf", 0x5000, 4096, "P US A D")
