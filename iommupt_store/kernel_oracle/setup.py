@@ -2,7 +2,8 @@
 
 The kernel packages are fetched by exact version with a private apt configuration (its own sources
 file, lists and cache inside the cache directory), so the machine's apt sources stay untouched.
-QEMU and busybox come from the machine's own packages.
+QEMU and busybox come from the machine's own packages; QEMU 10 (for Intel first-stage tables) is
+fetched the same way, on request, and unpacked into the cache.
 """
 
 from __future__ import annotations
@@ -78,12 +79,16 @@ class OracleFiles:
     def qemu10_root(self) -> Path:
         return self.root / "qemu10"
 
+    @property
+    def qemu10_binary(self) -> Path:
+        return self.qemu10_root / "usr" / "bin" / "qemu-system-x86_64"
+
     def qemu(self, vendor: str) -> list[str] | None:
         """The QEMU command for ``vendor``: None for the machine's own, else QEMU 10 from the cache."""
         if vendor != "intel-fs":
             return None
         root = self.qemu10_root
-        if not (root / "usr" / "bin" / "qemu-system-x86_64").exists():
+        if not self.qemu10_binary.exists():
             raise OracleUnavailable(
                 "Intel first stage needs QEMU 10: run python -m iommupt_store.kernel_oracle setup --with-qemu10"
             )
@@ -91,7 +96,7 @@ class OracleFiles:
         return [
             str(root / "usr" / "lib64" / "ld-linux-x86-64.so.2"),
             *("--library-path", str(libs)),
-            str(root / "usr" / "bin" / "qemu-system-x86_64"),
+            str(self.qemu10_binary),
             *("-L", str(root / "usr" / "share" / "qemu")),
         ]
 
@@ -203,8 +208,11 @@ def _fetch_qemu10(cache: Path, log: list[str]) -> None:
     if not wanted:
         raise OracleUnavailable(f"qemu-system-x86 {QEMU10_VERSION} is not in {QEMU10_SUITE}")
     root = OracleFiles(cache).qemu10_root
+    partial = root.with_name(root.name + ".partial")  # renamed only when complete
+    shutil.rmtree(partial, ignore_errors=True)
+    _download_and_unpack(opts, wanted, partial, cache / "apt-trixie")
     shutil.rmtree(root, ignore_errors=True)
-    _download_and_unpack(opts, wanted, root, cache / "apt-trixie")
+    partial.rename(root)
     log.append(f"unpacked QEMU {QEMU10_VERSION} and {len(wanted) - 1} packages it needs from {QEMU10_SUITE}")
 
 
@@ -232,7 +240,7 @@ def setup(cache: Path, *, qemu10: bool = False) -> list[str]:
             _fetch_kernel(cache, log)
         _build_guest(cache, log)
         files.manifest.write_text(json.dumps({"kernel": KERNEL_VERSION, "abi": KERNEL_ABI, "suite": SUITE}) + "\n")
-    if qemu10 and not (files.qemu10_root / "usr" / "bin" / "qemu-system-x86_64").exists():
+    if qemu10 and not files.qemu10_binary.exists():
         _fetch_qemu10(cache, log)
     return log or [f"already set up in {cache}"]
 
