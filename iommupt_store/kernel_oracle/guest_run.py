@@ -149,5 +149,6 @@ def _follow(guest: GuestPort, scenarios: list[Scenario], vendor: Vendor) -> list
             )
             guest.resume()
     if todo:
-        raise OracleError(f"the guest stopped before scenario {todo[0].name!r}:\n{guest.console_tail()}")
+        tail = guest.console_tail()
+        raise OracleError(f"the guest stopped before scenario {todo[0].name!r}; its console ended: {tail}")
     return out

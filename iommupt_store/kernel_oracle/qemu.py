@@ -7,7 +7,6 @@ registers and guest memory.
 
 from __future__ import annotations
 
-import contextlib
 import errno as _errno
 import re
 import shutil
@@ -65,7 +64,7 @@ class Guest:
 
     def __init__(self, files: GuestFiles, vendor: str, *, qemu: list[str] | None = None, mem_mib: int = 512) -> None:
         if vendor not in IOMMU_DEVICE:
-            raise OracleError(f"unknown vendor {vendor!r} (intel or amd)")
+            raise OracleError(f"unknown vendor {vendor!r} ({', '.join(IOMMU_DEVICE)})")
         self.files = files
         self.console = files.workdir / "console.log"
         mon, ctl = files.workdir / "monitor.sock", files.workdir / "control.sock"
@@ -98,10 +97,12 @@ class Guest:
             if self.proc.poll() is not None:
                 out = self.proc.stdout.read().decode(errors="replace").strip() if self.proc.stdout else ""
                 raise OracleUnavailable(f"QEMU exited at start (status {self.proc.returncode}): {out[-300:]}")
-            with contextlib.suppress(OSError):
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
                 s.connect(str(path))
                 return s
+            except OSError:
+                s.close()
             if time.monotonic() > deadline:
                 raise OracleError(f"QEMU did not open {path.name}")
             time.sleep(0.05)
@@ -113,19 +114,20 @@ class Guest:
             try:
                 chunk = sock.recv(65536)
             except TimeoutError:
-                raise OracleError(f"the guest timed out; its console:\n{self.console_tail()}") from None
+                raise OracleError(f"the guest timed out; its console ended: {self.console_tail()}") from None
             if not chunk:
-                raise OracleError(f"the guest went away; its console:\n{self.console_tail()}")
+                raise OracleError(f"the guest went away; its console ended: {self.console_tail()}")
             buf += chunk
         head, _, rest = buf.partition(marker)
         return head, rest
 
-    def console_tail(self, lines: int = 25) -> str:
+    def console_tail(self, lines: int = 3) -> str:
+        """The console's last lines, on one line (errors stay one line)."""
         try:
             text = self.console.read_text(errors="replace")
         except OSError:
             return "(no console log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
 
     def lines(self) -> Iterator[str]:
         """The guest program's records, one line at a time, until ``done``."""
@@ -133,7 +135,7 @@ class Guest:
             line, self._ctl_buf = self._read_until(self._ctl, b"\n", self._ctl_buf)
             text = line.decode(errors="replace").strip()
             if text.startswith("fatal "):
-                raise OracleError(f"the guest program failed ({text}); its console:\n{self.console_tail()}")
+                raise OracleError(f"the guest program failed ({text}); its console ended: {self.console_tail()}")
             yield text
             if text == "done":
                 return
