@@ -360,9 +360,10 @@ def restore_domain(tx: Transaction, token: int) -> Domain:
         # the frames change hands; the old kernel's per-frame state (incoherent) is stale
         tx.memory.set_meta(pfn, domain_id=dom.id, level=level, incoherent=False)
     crashpoint("restore")
-    pt.max_vasz_lg2 = desc.vasz
-    pt.features = frozenset({Feature.SIGN_EXTEND}) if desc.sign_extend else frozenset()
-    pt.top_phys, pt.top_level = desc.top_table_phys, desc.top_level
+    features = frozenset({Feature.SIGN_EXTEND}) if desc.sign_extend else frozenset()
+    pt.adopt(top_phys=desc.top_table_phys, top_level=desc.top_level, max_vasz_lg2=desc.vasz, features=features)
+    # the row's page sizes were those of the default domain allocated above
+    tx.conn.execute(update(DomainRow).where(DomainRow.id == dom.id).values(pgsize_bitmap=pt.pgsize_bitmap))
     dom.set_state("restored")
     tx.conn.execute(update(DomainRow).where(DomainRow.id == old_id).values(state="freed", top_phys=None))
     old = tx.cache.get("domains", {}).pop(old_id, None)

@@ -228,6 +228,19 @@ class PageTable:
         prefix = U64_MASK if self.sign_extend and (va >> (v - 1)) & 1 else 0
         return va >> v == prefix >> v and last_va >> v == prefix >> v
 
+    def adopt(self, *, top_phys: int, top_level: int, max_vasz_lg2: int, features: Features) -> None:
+        """Take over a table another kernel built (restore): its top, VA size and features.
+
+        The page sizes follow the adopted geometry, as a fresh domain of it would report them
+        (a riscv Sv39 table restored into a default Sv48 domain must not offer 512G pages).
+        """
+        self.top_phys, self.top_level = top_phys, top_level
+        self.max_vasz_lg2 = max_vasz_lg2
+        self.features = features
+        geo = Geometry(top_level=top_level, max_vasz_lg2=max_vasz_lg2, max_oasz_lg2=self.max_oasz_lg2)
+        self.pgsize_bitmap = format_pgsize_bitmap(self.fmt, geo, features)
+        self._table_cache.clear()
+
     def top_items(self, vasz: int | None = None) -> int:
         v = self.range_vasz() if vasz is None else vasz
         return 1 << (v - item_lg2sz(self.top_level))
