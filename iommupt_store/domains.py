@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import func, insert, select, update
 
+from . import mappings
 from .db.models import Boot, Device, Page
 from .db.models import Domain as DomainRow
 from .errors import BadData, Busy, NotFound, NotPermitted
@@ -107,10 +108,15 @@ class Domain:
 
     # -- operations -----------------------------------------------------------------
     def map_range(self, iova: int, paddr: int, length: int, prot: int = Prot.READ | Prot.WRITE) -> None:
-        self._require("map").map_range(iova, paddr, length, prot)
+        pt = self._require("map")
+        segments = pt.map_range(iova, paddr, length, prot)
+        mappings.record_map(self.tx, self.id, mappings.segment_runs(pt, segments, prot))
 
     def unmap_range(self, iova: int, length: int) -> int:
-        return self._require("unmap").unmap_range(iova, length)
+        pt = self._require("unmap")
+        unmapped = pt.unmap_range(iova, length)
+        mappings.record_unmap(self.tx, self.id, mappings.removed_ranges(pt, iova, unmapped))
+        return unmapped
 
     def iova_to_phys(self, iova: int) -> int:
         return self._require("iova_to_phys", allow_preserved=True).iova_to_phys(iova)
@@ -124,6 +130,7 @@ class Domain:
         if attached:
             raise Busy(f"domain {self.id} is attached to device(s) {', '.join(attached)}: detach or replace first")
         n = self.pt.free()
+        mappings.drop_domain(self.tx, self.id)
         self._pt = None
         self.set_state("freed")
         return n

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from sqlalchemy import select, text
 
+from . import mappings
 from .db.models import Device, Page
 from .db.models import Domain as DomainRow
 from .domains import hardware_walker
@@ -53,7 +54,9 @@ def fsck(tx: Transaction) -> FsckReport:
             continue
         checked += 1
         try:
-            reached = _tables(hardware_walker(tx, domain_id).tables())
+            walker = hardware_walker(tx, domain_id)
+            reached = _tables(walker.tables())
+            problems += mappings.ledger_problems(tx, domain_id, walker)
         except WalkError as e:
             problems.append(f"domain {domain_id}: {e}")
             continue

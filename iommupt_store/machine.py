@@ -141,6 +141,9 @@ class Machine:
                 .values(state="freed", top_phys=None)
             )
             tx.memory = Memory(tx.conn, self.id, self.boot_id, self.mem_bytes >> PAGE_SHIFT)
+            from .mappings import drop_freed  # the ledger sits above this module
+
+            drop_freed(tx)
             self.end_boot(tx, "cold")
 
     def status(self) -> MachineStatus:

@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import delete, insert, select, update
 
+from .. import mappings
 from ..crash import crashpoint
 from ..db.models import Domain as DomainRow
 from ..db.models import HandoverEntry
@@ -99,7 +100,7 @@ def preserve_domain(tx: Transaction, domain_id: int, token: int) -> DomainDescri
         raise AlreadyExists(f"token {token:#x} is already used in this boot's handover (domain {dup[0]})")
     pt = dom.pt
     tables = pt.collect_tables()
-    kho.preserve_pages(tx, [(phys >> PAGE_SHIFT, 0) for phys in tables], owner_tag(domain_id))
+    kho.preserve_pages(tx, [(phys >> PAGE_SHIFT, 0) for phys in tables], owner_tag(domain_id), domain_id=domain_id)
     crashpoint("preserve")
     desc = DomainDescriptorV1(
         format=dom.format,  # type: ignore[arg-type]
@@ -320,6 +321,7 @@ def restore_domain(tx: Transaction, token: int) -> Domain:
     pt.top_phys, pt.top_level = desc.top_table_phys, desc.top_level
     dom.set_state("restored")
     tx.conn.execute(update(DomainRow).where(DomainRow.id == entry.domain_id).values(state="freed", top_phys=None))
+    mappings.move_domain(tx, entry.domain_id, dom.id)
     old = tx.cache.get("domains", {}).pop(entry.domain_id, None)
     if old is not None:
         old._dirty = False
