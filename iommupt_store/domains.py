@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import func, insert, select, update
 
+from . import mappings
 from .db.models import Boot, Device, Page
 from .db.models import Domain as DomainRow
 from .db.rows import reads_stored_rows, required
@@ -120,11 +121,16 @@ class Domain:
     # -- operations -----------------------------------------------------------------
     @atomic
     def map_range(self, iova: int, paddr: int, length: int, prot: int = Prot.READ | Prot.WRITE) -> None:
-        self._require("map").map_range(iova, paddr, length, prot)
+        pt = self._require("map")
+        segments = pt.map_range(iova, paddr, length, prot)
+        mappings.record_map(self.tx, self.id, mappings.segment_runs(pt, segments, prot))
 
     @atomic
     def unmap_range(self, iova: int, length: int) -> int:
-        return self._require("unmap").unmap_range(iova, length)
+        pt = self._require("unmap")
+        unmapped = pt.unmap_range(iova, length)
+        mappings.record_unmap(self.tx, self.id, mappings.removed_ranges(pt, iova, unmapped))
+        return unmapped
 
     def iova_to_phys(self, iova: int) -> int:
         return self._require("iova_to_phys", allow_preserved=True).iova_to_phys(iova)
@@ -139,6 +145,7 @@ class Domain:
         if attached:
             raise Busy(f"domain {self.id} is attached to device(s) {', '.join(attached)}: detach or replace first")
         n = self.pt.free()
+        mappings.drop_domain(self.tx, self.id)
         self._pt = None
         self.set_state("freed")
         return n

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from sqlalchemy import select, text
 
+from . import mappings
 from .boot_history import boot_history_problems
 from .db.models import Boot, Page
 from .db.models import Domain as DomainRow
@@ -46,7 +47,9 @@ def _tables(info: TableInfo) -> list[tuple[int, int]]:
 def _domain(tx: Transaction, domain_id: int, state: str, boot_id: int, own: dict[int, int]) -> list[str]:
     """One domain that is not freed: its tables as reached from its top against the frames it owns."""
     try:
-        reached = _tables(hardware_walker(tx, domain_id).tables())
+        walker = hardware_walker(tx, domain_id)
+        reached = _tables(walker.tables())
+        ledger = mappings.ledger_problems(tx, domain_id, walker)
     except WalkError as e:
         return [f"domain {domain_id}: {e.args[0]}"]
     problems = [
@@ -54,6 +57,7 @@ def _domain(tx: Transaction, domain_id: int, state: str, boot_id: int, own: dict
         for pfn, level in reached
         if own.get(pfn) != level
     ]
+    problems += ledger
     orphans = set(own) - {pfn for pfn, _ in reached}
     if orphans:
         problems.append(f"domain {domain_id}: {len(orphans)} frame(s) unreachable from the top (leaked)")

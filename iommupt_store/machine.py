@@ -22,7 +22,7 @@ from .crash import crashpoint
 from .db.engine import translate_db_errors
 from .db.models import Boot, Domain, Page
 from .db.models import Machine as MachineRow
-from .errors import InvalidArgument, KernelGone
+from .errors import InvalidArgument, KernelGone, NotPermitted
 from .memory import PAGE_SHIFT, Memory
 from .reports import MachineStatus
 
@@ -139,6 +139,10 @@ class Machine:
         self.boot_id = boot_id
         self.boot_number = boot_number
         self._gone: str | None = None
+        #: an observer (``observe``): reads the latest boot, never attaches or writes
+        self.read_only = False
+        #: how the observed boot ended (None: still running, or never booted)
+        self.boot_end_kind: str | None = None
 
     @classmethod
     def attach(cls, store: Store, name: str) -> Machine:
@@ -167,6 +171,30 @@ class Machine:
             crashpoint("boot_start")
             return machine
 
+    @classmethod
+    def observe(cls, store: Store, name: str) -> Machine:
+        """The machine as it stands, for reading only: the latest boot, running or ended.
+
+        Unlike ``attach`` this never starts boot N+1, frees memory or writes a row,
+        so looking at a machine between a sealed live update and the next kernel
+        shows the ended boot and what it handed over. A machine that never booted
+        is observed as boot 0, which owns nothing.
+        """
+        with translate_db_errors(store.url), store.engine.connect() as conn:
+            mid = store.machine_id(conn, name)
+            mem_bytes = conn.execute(select(MachineRow.mem_bytes).where(MachineRow.id == mid)).scalar_one()
+            last = conn.execute(
+                select(Boot.id, Boot.number, Boot.end_kind)
+                .where(Boot.machine_id == mid)
+                .order_by(Boot.number.desc())
+                .limit(1)
+            ).first()
+            conn.rollback()
+        machine = cls(store, name, mid, mem_bytes, last.id if last else 0, last.number if last else 0)
+        machine.read_only = True
+        machine.boot_end_kind = last.end_kind if last else None
+        return machine
+
     # -- transactions ------------------------------------------------------------
     def _check_alive(self) -> None:
         if self._gone:
@@ -186,12 +214,17 @@ class Machine:
         always rolled back.
         """
         self._check_alive()
+        if write and self.read_only:
+            raise NotPermitted(f"machine {self.name!r} is open for inspection only: this command cannot change it")
         engine = self.store.writer if write else self.store.engine
         with translate_db_errors(self.store.url), engine.connect() as conn:
             with conn.begin() as dbtx:
                 if write:
                     lock_machine_row(conn, self.id)
-                self._check_current(conn)
+                if self.read_only:
+                    _refuse_writes(conn)
+                else:
+                    self._check_current(conn)
                 tx = Transaction(self, conn)
                 yield tx
                 if write:
@@ -199,6 +232,9 @@ class Machine:
                     crashpoint("before_commit")
                 else:
                     dbtx.rollback()
+            if self.read_only and conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("PRAGMA query_only = OFF")  # a pooled (in-memory) connection lives on
+                conn.rollback()
             for fn in tx.after_commit:
                 fn()
 
@@ -221,6 +257,9 @@ class Machine:
                 .values(state="freed", top_phys=None)
             )
             tx.memory = Memory(tx.conn, self.id, self.boot_id, self.mem_bytes >> PAGE_SHIFT)
+            from .mappings import drop_freed  # the ledger sits above this module
+
+            drop_freed(tx)
             self.end_boot(tx, "cold")
 
     def status(self) -> MachineStatus:
@@ -228,3 +267,11 @@ class Machine:
             if m.name == self.name:
                 return m
         raise AssertionError("machine vanished")  # pragma: no cover
+
+
+def _refuse_writes(conn: Connection) -> None:
+    """Belt and braces for observers: the database itself refuses any write."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("PRAGMA query_only = ON")
+    elif conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET TRANSACTION READ ONLY")

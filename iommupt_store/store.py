@@ -89,6 +89,13 @@ class Store:
 
         return Machine.attach(self, name)
 
+    def observe(self, name: str = DEFAULT_MACHINE) -> Machine:
+        """The machine's latest boot for reading only: never starts a boot or writes a row."""
+        from . import liveupdate  # noqa: F401 - the handover's readers
+        from .machine import Machine
+
+        return Machine.observe(self, name)
+
     def status(self) -> StoreStatus:
         with translate_db_errors(self.url), self.engine.connect() as conn:
             machines = conn.execute(select(MachineRow.__table__).order_by(MachineRow.name)).all()

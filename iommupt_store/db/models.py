@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import CheckConstraint, ForeignKey, MetaData, UniqueConstraint
+from sqlalchemy import CheckConstraint, ForeignKey, Index, MetaData, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.expression import false
 
@@ -163,6 +163,9 @@ class Preservation(Base):
     content_hash: Mapped[str] = mapped_column(Text(64))
     restored_boot_id: Mapped[int | None] = mapped_column(ForeignKey("boot.id"))
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp(timezone=True), default=utcnow)
+    #: for a page-table frame: the domain it belonged to in the preserving boot, and its level
+    domain_id: Mapped[int | None] = mapped_column(ForeignKey("domain.id"), index=True)
+    level: Mapped[int | None] = mapped_column(Int)
 
     __table_args__ = (
         UniqueConstraint("machine_id", "boot_id", "pfn", name="uq_preservation_boot_pfn"),
@@ -249,6 +252,34 @@ class Device(Base):
         UniqueConstraint("machine_id", "bdf", name="uq_device_machine_bdf"),
         CheckConstraint("(domain_id IS NULL) = (did IS NULL)", name="attached_has_did"),
         CheckConstraint("did IS NULL OR (did >= 1 AND did <= 65535)", name="did_range"),
+    )
+
+
+class MappingRun(Base):
+    """One maximal run of leaves of a domain (see ``mappings.py``): a stretch of
+    one page size, contiguous in IOVA and physical address, with one set of
+    permissions and attribute bits. Written with the frames; read by the
+    ``mapping`` view."""
+
+    __tablename__ = "mapping_run"
+
+    id: Mapped[int] = mapped_column(Int, primary_key=True)
+    domain_id: Mapped[int] = mapped_column(ForeignKey("domain.id", ondelete="CASCADE"))
+    #: first and last IOVA (two's complement at and above 2^63, like every u64 here)
+    iova: Mapped[int] = mapped_column(U64)
+    last_iova: Mapped[int] = mapped_column(U64)
+    phys: Mapped[int] = mapped_column(BigInt)
+    size: Mapped[int] = mapped_column(BigInt)
+    page_size: Mapped[int] = mapped_column(BigInt)
+    readable: Mapped[bool] = mapped_column(Flag)
+    writable: Mapped[bool] = mapped_column(Flag)
+    #: JSON array of the names of the attribute bits set in every leaf of the run
+    flags: Mapped[str] = mapped_column(Text(400))
+
+    __table_args__ = (
+        Index("ix_mapping_run_domain_iova", "domain_id", "iova"),
+        Index("ix_mapping_run_domain_last", "domain_id", "last_iova"),
+        CheckConstraint("size > 0 AND page_size > 0", name="sizes_positive"),
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from sqlalchemy import delete, func, select, update
 
+from .. import mappings
 from ..crash import crashpoint
 from ..db.models import Domain as DomainRow
 from ..db.models import HandoverEntry, Page, Preservation
@@ -104,6 +105,7 @@ def _on_boot_start(tx: Transaction, prev_number: int, end_kind: str) -> None:
         .where(DomainRow.machine_id == mid, DomainRow.state != "freed", DomainRow.id.not_in(handed_over))
         .values(state="freed", top_phys=None)
     )
+    mappings.drop_freed(tx)
     crashpoint("boot_start_hook")
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, update
 
+from .. import mappings
 from ..crash import crashpoint
 from ..db.models import Domain as DomainRow
 from ..db.models import HandoverEntry
@@ -94,7 +95,7 @@ def preserve_domain(
         raise AlreadyExists(f"token {token:#x} is already used in this boot's handover (by {holder})")
     pt = dom.pt
     tables = pt.collect_tables()
-    kho.preserve_pages(tx, [(phys >> PAGE_SHIFT, 0) for phys in tables], owner_tag(domain_id))
+    kho.preserve_pages(tx, [(phys >> PAGE_SHIFT, 0) for phys in tables], owner_tag(domain_id), domain_id=domain_id)
     crashpoint("preserve")
     desc = DomainDescriptorV1(
         format=dom.format,  # type: ignore[arg-type]
@@ -366,6 +367,7 @@ def restore_domain(tx: Transaction, token: int) -> Domain:
     tx.conn.execute(update(DomainRow).where(DomainRow.id == dom.id).values(pgsize_bitmap=pt.pgsize_bitmap))
     dom.set_state("restored")
     tx.conn.execute(update(DomainRow).where(DomainRow.id == old_id).values(state="freed", top_phys=None))
+    mappings.move_domain(tx, old_id, dom.id)
     old = tx.cache.get("domains", {}).pop(old_id, None)
     if old is not None:
         old._dirty = False

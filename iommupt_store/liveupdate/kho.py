@@ -58,8 +58,13 @@ def preserved_by(tx: Transaction, who: str, boot_id: int | None = None) -> dict[
 
 
 @atomic
-def preserve_pages(tx: Transaction, pages: Iterable[tuple[int, int]], who: str) -> None:
-    """Record ``(pfn, order)`` runs as handed over by this boot (``kho_preserve_folio``)."""
+def preserve_pages(
+    tx: Transaction, pages: Iterable[tuple[int, int]], who: str, *, domain_id: int | None = None
+) -> None:
+    """Record ``(pfn, order)`` runs as handed over by this boot (``kho_preserve_folio``).
+
+    ``domain_id`` names the domain whose table frames these are (recorded with each
+    frame's level, for SQL inspection)."""
     pages = list(pages)
     mem = tx.memory
     for pfn, order in pages:
@@ -81,6 +86,8 @@ def preserve_pages(tx: Transaction, pages: Iterable[tuple[int, int]], who: str) 
             "boot_id": tx.machine.boot_id,
             "preserved_by": who,
             "content_hash": content_hash(mem.view(pfn)),
+            "domain_id": domain_id,
+            "level": mem.meta(pfn).get("level") if domain_id is not None else None,
         }
         for pfn, order in pages
     ]

@@ -262,9 +262,12 @@ class PageTable:
         return (va >> item_lg2sz(level)) & (ITEMS_PER_TABLE - 1)
 
     # -- map ----------------------------------------------------------------------
-    def map_range(self, iova: int, paddr: int, length: int, prot: int = Prot.READ | Prot.WRITE) -> None:
+    def map_range(
+        self, iova: int, paddr: int, length: int, prot: int = Prot.READ | Prot.WRITE
+    ) -> list[tuple[int, int, int, int]]:
         """Map ``[iova, iova+length)`` to ``paddr`` (``iommu_map`` over ``map_range``).
 
+        Returns what was installed as (iova, paddr, length, page size) segments.
         On failure the part already installed is unmapped again, as the IOMMU
         core does; tables allocated on the way stay (the kernel keeps them too).
         """
@@ -286,6 +289,7 @@ class PageTable:
             )
         self._ensure_top(iova, last, pgsz_lg2_to_level(best))
         va, pa, mapped = iova, paddr, 0
+        segments: list[tuple[int, int, int, int]] = []
         try:
             while va <= last:
                 size = compute_best_pgsize(self.pgsize_bitmap, va, last, pa)
@@ -298,11 +302,13 @@ class PageTable:
                     mapped += e.placed
                     raise e.err from None
                 step = n << size
+                segments.append((va, pa, step, 1 << size))
                 va, pa, mapped = va + step, pa + step, mapped + step
         except Exception:
             if mapped:
                 self.unmap_range(iova, mapped)
             raise
+        return segments
 
     def _ensure_top(self, va: int, last: int, leaf_level: int) -> None:
         """``check_map_range`` and, for a dynamic top, ``increase_top``."""

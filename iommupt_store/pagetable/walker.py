@@ -164,8 +164,12 @@ class HardwareWalker:
 
     def leaves(self) -> list[Leaf]:
         """Every mapping, in ascending index order from the top (lower half first)."""
+        return [Leaf(iova, phys, size, level) for iova, phys, size, level, _raw in self.leaf_entries()]
+
+    def leaf_entries(self) -> list[tuple[int, int, int, int, int]]:
+        """Every mapping as (iova, phys, size, level, raw entry), in the order of ``leaves``."""
         seen: set[int] = set()
-        out: list[Leaf] = []
+        out: list[tuple[int, int, int, int, int]] = []
         decode, empty = self.fmt.decode, frozenset[Feature]()
         oa_type = EntryType.OA
 
@@ -186,7 +190,7 @@ class HardwareWalker:
                     va = self._top_base(i) if top else base + (i << item)
                     step = 1 << d.contig_lg2
                     size = 1 << (item + d.contig_lg2)
-                    out.append(Leaf(va & ~(size - 1), d.addr, size, level))
+                    out.append((va & ~(size - 1), d.addr, size, level, raw))
                     i = (i & ~(step - 1)) + step
                     continue
                 if d.type is EntryType.TABLE:
