@@ -18,6 +18,7 @@ from . import guard
 from .common import Context, Group
 from .db_cmds import db, fsck, init, status
 from .domain_cmds import COMMANDS as DOMAIN_COMMANDS
+from .inspect_cmds import COMMANDS as INSPECT_COMMANDS
 from .liveupdate_cmds import COMMANDS as LIVEUPDATE_COMMANDS
 from .session_cmds import COMMANDS as SESSION_COMMANDS
 
@@ -32,6 +33,12 @@ Exit codes:
   {EXIT_DATAERR}  bad data: invalid descriptor, tampered frame, foreign or outdated database
   {EXIT_SOFTWARE}  internal error: a bug in iommupt-store (please report it)
   {EXIT_TEMPFAIL}  the database stayed locked by another process (try again)
+
+\b
+Commands that only look (status, domains, show, translate, handover,
+sessions, devices, device translate, fsck, query, export-image, shell)
+never attach to the machine: they do not start the next boot after a live
+update and write nothing. The others attach to the current boot.
 
 \b
 The database is ./iommupt.db unless --db or ${ENV_DB} names another one;
@@ -85,7 +92,7 @@ cli.add_command(init)
 cli.add_command(status)
 cli.add_command(db)
 cli.add_command(fsck)
-for _cmd in DOMAIN_COMMANDS + LIVEUPDATE_COMMANDS + SESSION_COMMANDS:
+for _cmd in DOMAIN_COMMANDS + LIVEUPDATE_COMMANDS + SESSION_COMMANDS + INSPECT_COMMANDS:
     cli.add_command(_cmd)
 
 

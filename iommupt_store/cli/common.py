@@ -33,7 +33,12 @@ class Context:
         return self._store
 
     def machine(self) -> Machine:
+        """Attach to the current boot (starting boot N+1 after a live update): for commands that change state."""
         return self.store().machine(self.machine_name)
+
+    def observer(self) -> Machine:
+        """The machine for reading only: never starts a boot, frees memory or writes a row."""
+        return self.store().observe(self.machine_name)
 
 
 pass_ctx = click.make_pass_decorator(Context)

@@ -166,7 +166,7 @@ def translate(ctx: Context, domain_id: int, iovas: tuple[int, ...], use_engine: 
     leaf level, or the fault and the level at which the walk faulted.
     """
     results: list[TranslationInfo] = []
-    with ctx.machine().transaction(write=False) as tx:
+    with ctx.observer().transaction(write=False) as tx:
         dom = get_domain(tx, domain_id)
         if use_engine:
             for iova in iovas:
@@ -234,7 +234,7 @@ def _add_rich(node: Tree, t: TableInfo, max_children: int) -> None:
 @pass_ctx
 def show(ctx: Context, domain_id: int, max_children: int, as_json: bool) -> None:
     """The table tree of DOMAIN_ID: level, pfn, entries in use, leaf sizes."""
-    with ctx.machine().transaction(write=False) as tx:
+    with ctx.observer().transaction(write=False) as tx:
         dom = get_domain(tx, domain_id)
         info = dom.info()
         tree = dom.walker().tables() if info.top_phys is not None else None
@@ -257,7 +257,7 @@ def show(ctx: Context, domain_id: int, max_children: int, as_json: bool) -> None
 @pass_ctx
 def domains(ctx: Context, include_freed: bool, as_json: bool) -> None:
     """Domains of the machine, with state, geometry and frame count."""
-    with ctx.machine().transaction(write=False) as tx:
+    with ctx.observer().transaction(write=False) as tx:
         infos = list_domains(tx, include_freed=include_freed)
     if as_json:
         emit_json([i.model_dump(mode="json") for i in infos])

@@ -124,7 +124,7 @@ def _describe(desc: dict[str, object]) -> str:
 @pass_ctx
 def handover(ctx: Context, as_json: bool) -> None:
     """The incoming handover (from the previous boot) and the outgoing one (this boot)."""
-    with ctx.machine().transaction(write=False) as tx:
+    with ctx.observer().transaction(write=False) as tx:
         report = handover_report(tx)
     if as_json:
         emit_json(report)

@@ -12,14 +12,17 @@ its work always reports it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import click
 from pydantic import BaseModel
 from rich.console import Console, RenderableType
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
@@ -106,3 +109,46 @@ def show(renderable: RenderableType) -> None:
 def progress(message: str) -> Any:
     """A spinner on stderr while a long step runs (a context manager)."""
     return _console(stderr=True).status(literal(message), spinner="dots")
+
+
+#: a long step shows progress only after this long, so quick commands stay quiet
+PROGRESS_AFTER_S = 1.0
+
+
+@contextlib.contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr for a step of known size: yields ``advance(done, total)``.
+
+    Shown only when stderr is a terminal and the step has run for over a second;
+    it disappears when the step ends, leaving stdout to the result.
+    """
+    console = _console(stderr=True)
+    if not console.is_terminal:
+        yield lambda done, total: None
+        return
+    started = time.monotonic()
+    bar: Progress | None = None
+    task: Any = None
+
+    def advance(done: int, total: int) -> None:
+        nonlocal bar, task
+        if bar is None:
+            if time.monotonic() - started < PROGRESS_AFTER_S:
+                return
+            bar = Progress(
+                TextColumn(literal(description)),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            )
+            bar.start()
+            task = bar.add_task("", total=total)
+        bar.update(task, completed=done, total=total)
+
+    try:
+        yield advance
+    finally:
+        if bar is not None:
+            bar.stop()

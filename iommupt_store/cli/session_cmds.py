@@ -22,7 +22,7 @@ from .common import ID, INT, Command, Context, Group, emit_json, json_option, pa
 @pass_ctx
 def sessions(ctx: Context, as_json: bool) -> None:
     """Live-update sessions of the machine, with their state in each boot."""
-    with ctx.machine().transaction(write=False) as tx:
+    with ctx.observer().transaction(write=False) as tx:
         infos = list_sessions(tx)
     if as_json:
         emit_json([i.model_dump(mode="json") for i in infos])
@@ -191,7 +191,7 @@ def device_detach(ctx: Context, bdf: str, owner: str | None, as_json: bool) -> N
 @pass_ctx
 def device_translate(ctx: Context, bdf: str, iova: int, as_json: bool) -> None:
     """What a DMA from BDF to IOVA hits, through the device's current attachment."""
-    with ctx.machine().transaction(write=False) as tx:
+    with ctx.observer().transaction(write=False) as tx:
         t = dma_walker(tx, bdf).translate(iova)
     if as_json:
         emit_json({"iova": f"{iova:#x}", "phys": None if t.phys is None else f"{t.phys:#x}", "fault": t.fault})
@@ -206,7 +206,7 @@ def device_translate(ctx: Context, bdf: str, iova: int, as_json: bool) -> None:
 @pass_ctx
 def devices(ctx: Context, as_json: bool) -> None:
     """Devices of the machine and their attachments."""
-    with ctx.machine().transaction(write=False) as tx:
+    with ctx.observer().transaction(write=False) as tx:
         infos = list_devices(tx)
     if as_json:
         emit_json([i.model_dump(mode="json") for i in infos])
