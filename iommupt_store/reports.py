@@ -69,6 +69,10 @@ class TranslationInfo(Report):
     page_size: int
     level: int
     fault: str | None = None
+    #: the leaf's permissions and attribute bits (None when the walk faulted or the engine answered)
+    readable: bool | None = None
+    writable: bool | None = None
+    flags: list[str] | None = None
 
 
 class SealReport(Report):

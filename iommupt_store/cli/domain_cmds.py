@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from rich.tree import Tree
 
 from ..domains import DEFAULTS, domain_alloc, get_domain, list_domains
 from ..formats import FORMATS
-from ..formats.base import Feature
+from ..formats.base import TABLE_ITEMS_LG2, Feature, item_lg2sz
+from ..formats.describe import leaf_flags, permissions
 from ..pagetable.walker import TableInfo
 from ..reports import TranslationInfo
 from ..units import format_size as _size
@@ -180,8 +183,18 @@ def translate(ctx: Context, domain_id: int, iovas: tuple[int, ...], use_engine: 
             walker = dom.walker()
             for iova in iovas:
                 t = walker.translate(iova)
+                perms = permissions(dom.format, t.entry) if t.phys is not None else (None, None)
                 results.append(
-                    TranslationInfo(iova=iova, phys=t.phys, page_size=t.page_size, level=t.level, fault=t.fault)
+                    TranslationInfo(
+                        iova=iova,
+                        phys=t.phys,
+                        page_size=t.page_size,
+                        level=t.level,
+                        fault=t.fault,
+                        readable=perms[0],
+                        writable=perms[1],
+                        flags=leaf_flags(dom.format, t.entry) if t.phys is not None else None,
+                    )
                 )
     if as_json:
         emit_json([r.model_dump(mode="json") for r in results])
@@ -190,7 +203,8 @@ def translate(ctx: Context, domain_id: int, iovas: tuple[int, ...], use_engine: 
         if r.phys is None:
             render.result(f"{r.iova:#x} -> fault: {r.fault} (level {r.level})")
         elif r.page_size:
-            render.result(f"{r.iova:#x} -> {r.phys:#x} ({_size(r.page_size)} page, level {r.level})")
+            access = ("r" if r.readable else "-") + ("w" if r.writable else "-")
+            render.result(f"{r.iova:#x} -> {r.phys:#x} ({_size(r.page_size)} page, level {r.level}, {access})")
         else:
             render.result(f"{r.iova:#x} -> {r.phys:#x}")
 
@@ -225,30 +239,86 @@ def _add_rich(node: Tree, t: TableInfo, max_children: int) -> None:
         render.branch(branch, more + (f" (leaves {sizes})" if sizes else ""))
 
 
+class IovaRange(click.ParamType):  # type: ignore[type-arg]
+    """START or START:END (inclusive), each a 64-bit address."""
+
+    name = "start[:end]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        start_text, _, end_text = str(value).partition(":")
+        start = INT.convert(start_text, param, ctx)
+        end = INT.convert(end_text, param, ctx) if end_text else start
+        if end < start:
+            self.fail(f"{value!r}: END is below START", param, ctx)
+        return start, end
+
+
+def _within(t: TableInfo, first: int, last: int, top: bool) -> TableInfo | None:
+    """The tree cut to the tables whose span meets [first, last] (the top always stays)."""
+    span_last = t.iova + (1 << (item_lg2sz(t.level) + TABLE_ITEMS_LG2)) - 1
+    if not top and (span_last < first or t.iova > last):
+        return None
+    children = [c for c in (_within(c, first, last, False) for c in t.children) if c is not None]
+    return TableInfo(t.phys, t.level, t.iova, t.used, dict(t.leaves), children)
+
+
 @click.command(cls=Command)
 @click.argument("domain_id", type=ID)
 @click.option(
     "--max-children", type=ID, default=4, show_default=True, help="Child tables shown per table; the rest are summed."
 )
+@click.option(
+    "--iova",
+    "iova_range",
+    type=IovaRange(),
+    help="Only the tables (and leaf totals) that translate START, or START:END inclusive.",
+)
 @json_option
 @pass_ctx
-def show(ctx: Context, domain_id: int, max_children: int, as_json: bool) -> None:
-    """The table tree of DOMAIN_ID: level, pfn, entries in use, leaf sizes."""
-    with ctx.observer().transaction(write=False) as tx:
+def show(ctx: Context, domain_id: int, max_children: int, iova_range: tuple[int, int] | None, as_json: bool) -> None:
+    """The table tree of DOMAIN_ID: level, pfn, entries in use, leaf sizes; then leaves per page size.
+
+    \b
+    Examples:
+      iommupt-store show 1
+      iommupt-store show 1 --iova 0x40000000:0x401fffff --json
+    """
+    first, last = iova_range if iova_range else (0, (1 << 64) - 1)
+    with render.progress(f"walking domain {domain_id}"), ctx.observer().transaction(write=False) as tx:
         dom = get_domain(tx, domain_id)
         info = dom.info()
-        tree = dom.walker().tables() if info.top_phys is not None else None
+        tree = None
+        totals: dict[int, int] = {}
+        if info.top_phys is not None:
+            walker = dom.walker()
+            tree = _within(walker.tables(), first, last, True)
+            for iova, _phys, size, _level, _raw in walker.leaf_entries():
+                if iova <= last and iova + size - 1 >= first:
+                    totals[size] = totals.get(size, 0) + 1
+    leaves = {_size(k): v for k, v in sorted(totals.items())}
     if as_json:
-        emit_json({"domain": info.model_dump(mode="json"), "tree": _tree_json(tree) if tree else None})
+        emit_json(
+            {
+                "domain": info.model_dump(mode="json"),
+                "iova_range": [f"{first:#x}", f"{last:#x}"] if iova_range else None,
+                "tree": _tree_json(tree) if tree else None,
+                "leaves": leaves,
+            }
+        )
         return
     title = (
         f"domain {info.id} ({info.format}, {info.state}, boot {info.boot}): {info.frames} frame(s), "
         f"{info.range_vasz_lg2}-bit VA"
     )
+    if iova_range:
+        title += f", iova {first:#x}..{last:#x}"
     root = render.tree(title)
     if tree is not None:
         _add_rich(root, tree, max_children)
     render.show(root)
+    render.result("leaves: " + (", ".join(f"{v} x {k}" for k, v in leaves.items()) or "none"))
 
 
 @click.command(cls=Command)

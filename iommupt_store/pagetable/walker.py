@@ -31,6 +31,8 @@ class Translation:
     #: the leaf's level, or the level of the table whose entry faulted
     level: int = 0
     fault: str | None = None
+    #: the raw leaf entry that translated it (0 after a fault)
+    entry: int = 0
 
 
 class Leaf(NamedTuple):
@@ -113,7 +115,7 @@ class HardwareWalker:
                 return Translation(iova, None, level=level, fault="not present")
             if d.type is EntryType.OA:
                 size = 1 << (item_lg2sz(level) + d.contig_lg2)
-                return Translation(iova, d.addr | (iova & (size - 1)), size, level)
+                return Translation(iova, d.addr | (iova & (size - 1)), size, level, entry=raw)
             if level == 0 or d.addr in path:
                 raise WalkError(f"entry at level {level} of table {table:#x} points back to {d.addr:#x}")
             path.add(d.addr)
