@@ -192,6 +192,8 @@ CASES: dict[str, tuple[tuple[str, ...], int]] = {
     "page-other-domain": ((f"UPDATE page SET domain_id = {_domain(TOKEN_B)} WHERE pfn = {_frame(A)}",), A),
     "page-level": ((f"UPDATE page SET level = 2 WHERE pfn = {_frame(A)}",), A),
     "page-deleted": ((f"DELETE FROM page WHERE pfn = {_frame(A)}",), A),
+    "page-pfn-text": ((f"UPDATE page SET pfn = 'abc' WHERE pfn = {_frame(A)}",), A),
+    "page-level-text": ((f"UPDATE page SET level = 'top' WHERE pfn = {_frame(A)}",), A),
     # -- the preserved domain's row
     "domain-vasz": ((f"UPDATE domain SET max_vasz_lg2 = 47 WHERE id = {_domain(A)}",), A),
     "domain-top-level": ((f"UPDATE domain SET top_level = 2 WHERE id = {_domain(A)}",), A),
@@ -225,12 +227,16 @@ CASES: dict[str, tuple[tuple[str, ...], int]] = {
     "session-state-unknown": (("UPDATE luo_session SET state = 'bogus' WHERE name = 'vm'",), A),
     "session-renamed": (("UPDATE luo_session SET name = 'vm2' WHERE name = 'vm'",), A),
     "session-other-boot": (("UPDATE luo_session SET boot_id = 2 WHERE name = 'vm'",), A),
+    "session-name-blob": (("UPDATE luo_session SET name = x'00ff' WHERE name = 'vm'",), A),
+    "session-dangling-boot": (("UPDATE luo_session SET boot_id = 9 WHERE name = 'vm'",), A),
     # -- the preserved device
     "device-bdf": ((f"UPDATE device SET bdf = '0000:3b:00.1' WHERE bdf = '{BDF}'",), A),
     "device-owner": ((f"UPDATE device SET owner = 'intruder' WHERE bdf = '{BDF}'",), A),
     "device-did": ((f"UPDATE device SET did = 77 WHERE bdf = '{BDF}'",), A),
     "device-domain": ((f"UPDATE device SET domain_id = {_domain(TOKEN_B)} WHERE bdf = '{BDF}'",), A),
     "device-deleted": ((f"DELETE FROM device WHERE bdf = '{BDF}'",), A),
+    "device-did-text": ((f"UPDATE device SET did = 'seven' WHERE bdf = '{BDF}'",), A),
+    "device-bdf-integer": ((f"UPDATE device SET bdf = 42 WHERE bdf = '{BDF}'",), A),
     "device-entry-token": (
         (
             "UPDATE handover_entry SET descriptor = json_set(descriptor, '$.domain_token', '0xc') "
