@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 #: called as hook(tx, ended_boot_number, end_kind) when a process starts boot N+1
 BootStartHook = Callable[["Transaction", int, str], None]
 BOOT_START_HOOKS: list[BootStartHook] = []
+#: the savepoint of one all-or-nothing API call (``Transaction.atomic``); calls do not nest savepoints
+_SAVEPOINT = "iommupt_call"
 
 
 def lock_machine_row(conn: Connection, machine_id: int) -> None:
@@ -63,36 +65,44 @@ class Transaction:
         self._atomic_depth = 0
 
     def flush(self) -> None:
+        self._write_rows()
+        self.memory.flush()
+
+    def _write_rows(self) -> None:
         for fn in self.before_flush:
             fn()
-        self.memory.flush()
 
     @contextlib.contextmanager
     def atomic(self) -> Iterator[None]:
         """Make one API call all or nothing, even if the caller catches its exception and commits.
 
-        The unit of work is flushed and a savepoint opened; if the call raises,
-        the savepoint is rolled back and everything cached in memory (pages,
-        allocator, the layers' caches and callbacks added since) is dropped or
-        reloaded, so the transaction goes on from what the database holds.
-        Calls made from inside such a call share the outer savepoint.
+        A savepoint is opened and the memory keeps an undo log of the pages the
+        call changes (pages stay unwritten until commit: many small calls do not
+        pay a flush each). If the call raises, the savepoint is rolled back, the
+        pages are put back, and the layers' caches and callbacks added since are
+        dropped or reloaded from the database. Calls made from inside such a
+        call share the outer savepoint.
         """
         if self._atomic_depth:
             yield
             return
-        # write what earlier calls left in memory, so the savepoint holds it (a no-op for a first call)
-        self.flush()
+        # rows of cached objects (domains) are written now, so the savepoint holds their state
+        self._write_rows()
         marks = (len(self.before_flush), len(self.after_commit), len(self.after_rollback), set(self.cache))
-        savepoint = self.conn.begin_nested()
+        # plain statements: begin_nested() compiles them anew on every call, which costs more than a small map
+        self.conn.exec_driver_sql(f"SAVEPOINT {_SAVEPOINT}")
+        self.memory.start_undo_log()
         self._atomic_depth += 1
         try:
             yield
         except BaseException:
-            savepoint.rollback()
+            self.conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            self.conn.exec_driver_sql(f"RELEASE SAVEPOINT {_SAVEPOINT}")
             self._forget_since(*marks)
             raise
         else:
-            savepoint.commit()
+            self.conn.exec_driver_sql(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+            self.memory.drop_undo_log()
         finally:
             self._atomic_depth -= 1
 
@@ -102,7 +112,7 @@ class Transaction:
         del self.after_rollback[n_after_rollback:]
         for key in set(self.cache) - keys:
             del self.cache[key]
-        self.memory.discard_cache()
+        self.memory.undo()
         for fn in self.after_rollback:
             fn()
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import Connection, Table, bindparam, delete, insert, select, update
@@ -120,12 +120,41 @@ class Memory:
         self.npages = npages
         self._cache: dict[int, _CachedPage] = {}
         self._allocator: Allocator | None = None
+        #: pfn -> the page as it was before the current call first changed it (None: not cached)
+        self._undo: dict[int, _CachedPage | None] | None = None
 
-    def discard_cache(self) -> None:
-        """Forget every cached page and the allocator: the database is the truth again
-        (after a rollback to a savepoint taken right after a flush)."""
-        self._cache.clear()
-        self._allocator = None
+    # -- undo log: one API call all or nothing, without flushing before it -------------
+    def start_undo_log(self) -> None:
+        """From now on, remember each page as it was before it is first changed (see ``undo``)."""
+        self._undo = {}
+
+    def drop_undo_log(self) -> None:
+        self._undo = None
+
+    def undo(self) -> None:
+        """Put every page back as it was at ``start_undo_log`` (the database is rolled back alongside)."""
+        for pfn, before in (self._undo or {}).items():
+            if before is None:
+                self._cache.pop(pfn, None)
+            else:
+                self._cache[pfn] = before
+        self._undo = None
+        self._allocator = None  # rebuilt from the database and the cache as they are now
+
+    def _save(self, pfn: int) -> None:
+        if self._undo is None or pfn in self._undo:
+            return
+        page = self._cache.get(pfn)
+        self._undo[pfn] = (
+            None
+            if page is None
+            else replace(
+                page,
+                meta=dict(page.meta),
+                contents=None if page.contents is None else bytearray(page.contents),
+                meta_dirty=set(page.meta_dirty),
+            )
+        )
 
     # -- allocation ------------------------------------------------------------
     @property
@@ -150,6 +179,7 @@ class Memory:
             raise InvalidArgument(f"page order {order} is outside 0..{MAX_ORDER}")
         _check_meta(meta)
         pfn = self.allocator.alloc(order)
+        self._save(pfn)
         old = self._cache.get(pfn)
         page = _CachedPage(
             order=order,
@@ -165,6 +195,7 @@ class Memory:
 
     def free(self, pfn: int) -> None:
         page = self._page(pfn)
+        self._save(pfn)
         page.freed = True
         self.allocator.free(pfn, page.order)
 
@@ -223,6 +254,7 @@ class Memory:
     def set_meta(self, pfn: int, **values: Any) -> None:
         _check_meta(values)
         page = self._page(pfn)
+        self._save(pfn)
         page.meta.update(values)
         page.meta_dirty.update(values)
 
@@ -239,6 +271,7 @@ class Memory:
 
     def write(self, pfn: int, data: bytes, offset: int = 0) -> None:
         page = self._page(pfn)
+        self._save(pfn)
         assert page.contents is not None
         if offset < 0 or offset + len(data) > len(page.contents):
             raise InvalidArgument(f"write of {len(data)} bytes at {offset} overflows pfn {pfn:#x}")
@@ -256,6 +289,7 @@ class Memory:
         if not _NATIVE_LE:  # pragma: no cover - big-endian hosts would need byte swapping
             raise NotImplementedError("iommupt-store needs a little-endian host")
         if _dirty:
+            self._save(pfn)
             page.contents_dirty = True
         return memoryview(page.contents).cast("Q")
 
@@ -266,6 +300,8 @@ class Memory:
         updates: dict[frozenset[str], list[dict[str, Any]]] = {}
         deletes: list[int] = []
         for pfn, page in self._cache.items():
+            if page.freed or not page.in_db or page.contents_dirty or page.meta_dirty:
+                self._save(pfn)  # its flags change below (a flush inside an undoable call)
             if page.freed:
                 if page.in_db:
                     deletes.append(pfn)

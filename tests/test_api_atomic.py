@@ -507,41 +507,57 @@ def test_free_after_failed_free_matches_a_clean_run(tmp_path: Path, monkeypatch:
     _same_work(tmp_path, work)
 
 
-def test_one_call_transactions_flush_once(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The savepoint costs no extra write: a first call's flush has nothing to write."""
-    store.create_machine("m", 64 << 20)
-    m = store.machine("m")
-    written: list[int] = []
+def _count_flushes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Pages written by each ``Memory.flush`` from now on."""
     from iommupt_store.memory import Memory
 
+    written: list[int] = []
     real = Memory.flush
-    monkeypatch.setattr(Memory, "flush", lambda self: written.append(real(self)) or written[-1])
+
+    def flush(self: Memory) -> int:
+        written.append(real(self))
+        return written[-1]
+
+    monkeypatch.setattr(Memory, "flush", flush)
+    return written
+
+
+def test_pages_are_written_once_per_transaction(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """All or nothing costs no page writes: calls keep an undo log instead of flushing before they start."""
+    store.create_machine("m", 64 << 20)
+    m = store.machine("m")
+    written = _count_flushes(monkeypatch)
     with m.transaction() as tx:
         dom = domain_alloc(tx, "x86_64")
-    assert written == [0, 1]  # entry of domain_alloc: nothing; commit: the top table
+    assert written == [1]  # the top table, at commit
     written.clear()
     with m.transaction() as tx:
         get_domain(tx, dom.id).map_range(0, 0x100001000, 1 << 30)
-    assert written == [0, 515]  # the top (updated), L2, L1 and 512 L0 tables (inserted)
+    assert written == [515]  # the top (updated), L2, L1 and 512 L0 tables (inserted)
+    written.clear()
+    with m.transaction() as tx:
+        d = get_domain(tx, dom.id)
+        for i in range(100):
+            d.map_range((2 << 30) + (i << 12), 0x1000, 0x1000)
+        with pytest.raises(AddressInUse):
+            d.map_range(0, 0x1000, 0x1000)
+        d.unmap_range(2 << 30, 0x1000)
+    assert written == [4]  # each table the 102 calls touched, once, at commit
 
 
 def test_nested_calls_share_the_outer_savepoint(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A call made from inside another (restore_domain calls domain_alloc) neither flushes nor opens a
-    savepoint of its own; a failure anywhere undoes the outer call whole."""
+    """A call made from inside another (restore_domain calls domain_alloc) shares its savepoint and undo
+    log; a failure anywhere undoes the outer call whole."""
     store.create_machine("m", 64 << 20)
     m = store.machine("m")
-    from iommupt_store.memory import Memory
-
-    flushes: list[int] = []
-    real = Memory.flush
-    monkeypatch.setattr(Memory, "flush", lambda self: flushes.append(real(self)) or flushes[-1])
+    written = _count_flushes(monkeypatch)
     with m.transaction() as tx:
         with tx.atomic():
             domain_alloc(tx, "x86_64").map_range(0, 0, 0x1000)
-        assert flushes == [0]
         with pytest.raises(Injected), tx.atomic():
             domain_alloc(tx, "vtdss").map_range(0, 0, 0x1000)
             raise Injected("after two inner calls")
-        assert flushes == [0, 4]
+        assert written == []
+    assert written == [4]
     with m.transaction(write=False) as tx:
         assert [d.format for d in list_domains(tx, include_freed=True)] == ["x86_64"]
