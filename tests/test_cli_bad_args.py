@@ -66,6 +66,10 @@ VALID = {
     "mem_bytes": "16M",
     "max_children": "4",
     "machine_name": "demo",
+    "sql": "SELECT count(*) FROM mapping",
+    "image": "mem.raw",  # relative: the cases run in their own temporary directory
+    "command": "print(len(list_domains(tx)))",
+    "iova_range": "0x0:0x1fffff",
 }
 
 #: bad values by kind of parameter, and the exit code each kind must give
@@ -271,7 +275,8 @@ def _files(tmp_path: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
-def test_bad_argument(case: Case, tmp_path: Path, template: Path) -> None:
+def test_bad_argument(case: Case, tmp_path: Path, template: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # files a command writes (export-image) land here
     db = tmp_path / "store.db"
     shutil.copyfile(template, db)
     target = str(db) if case.db is None else _db_argument(case.db, tmp_path, template)
