@@ -55,6 +55,8 @@ def query(ctx: Context, sql: str, as_json: bool, as_csv: bool) -> None:
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(res.columns)
         w.writerows([_plain(v) for v in row] for row in res.rows)
+    elif len(res.columns) == 1 and len(res.rows) == 1:
+        render.result(_plain(res.rows[0][0]))  # a scalar answer prints as itself, for shell scripts
     else:
         render.table(res.columns, ([_plain(v) for v in row] for row in res.rows))
         render.note(f"{len(res.rows)} row(s)")
