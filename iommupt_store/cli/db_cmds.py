@@ -196,7 +196,7 @@ def fsck(ctx: Context, as_json: bool) -> None:
     from ..errors import EXIT_DATAERR
     from ..fsck import fsck as run_fsck
 
-    with ctx.observer().transaction(write=False) as tx:
+    with render.progress("checking the stored state"), ctx.observer().transaction(write=False) as tx:
         report = run_fsck(tx)
     if as_json:
         emit_json(report)
