@@ -161,13 +161,7 @@ class Machine:
             lock_machine_row(conn, mid)
             # read after the lock: a process that started the new boot while we waited has committed it
             check_boot_history(conn, mid, name)  # before a new boot frees anything
-            mem_bytes = conn.execute(select(MachineRow.mem_bytes).where(MachineRow.id == mid)).scalar_one()
-            last = conn.execute(
-                select(Boot.id, Boot.number, Boot.end_kind)
-                .where(Boot.machine_id == mid)
-                .order_by(Boot.number.desc())
-                .limit(1)
-            ).first()
+            mem_bytes, last = _memory_and_last_boot(conn, mid)
             if last is not None and last.end_kind is None:
                 return cls(store, name, mid, mem_bytes, last.id, last.number)
             number = 1 if last is None else last.number + 1
@@ -192,13 +186,7 @@ class Machine:
         """
         with translate_db_errors(store.url), store.engine.connect() as conn:
             mid = store.machine_id(conn, name)
-            mem_bytes = conn.execute(select(MachineRow.mem_bytes).where(MachineRow.id == mid)).scalar_one()
-            last = conn.execute(
-                select(Boot.id, Boot.number, Boot.end_kind)
-                .where(Boot.machine_id == mid)
-                .order_by(Boot.number.desc())
-                .limit(1)
-            ).first()
+            mem_bytes, last = _memory_and_last_boot(conn, mid)
             conn.rollback()
         machine = cls(store, name, mid, mem_bytes, last.id if last else 0, last.number if last else 0)
         machine.read_only = True
@@ -285,3 +273,12 @@ def _refuse_writes(conn: Connection) -> None:
         conn.exec_driver_sql("PRAGMA query_only = ON")
     elif conn.dialect.name == "postgresql":
         conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+
+
+def _memory_and_last_boot(conn: Connection, mid: int) -> tuple[int, Any]:
+    """The machine's memory size and its newest boot row (id, number, end_kind), or None before boot 1."""
+    mem_bytes = conn.execute(select(MachineRow.mem_bytes).where(MachineRow.id == mid)).scalar_one()
+    last = conn.execute(
+        select(Boot.id, Boot.number, Boot.end_kind).where(Boot.machine_id == mid).order_by(Boot.number.desc()).limit(1)
+    ).first()
+    return mem_bytes, last

@@ -16,47 +16,30 @@ import pytest
 
 pytest.importorskip("volatility3")
 
-from volatility3.framework import contexts, interfaces
+from volatility3.framework import contexts
 from volatility3.framework.layers import intel
 
 from iommupt_store.domains import domain_alloc, hardware_walker
 from iommupt_store.export import export_image
 from iommupt_store.formats.base import Prot
 from iommupt_store.machine import Machine
+from tests.test_verify_volatility import FrameDictLayer
 
 pytestmark = pytest.mark.verifier
 
 
-class RawFileLayer(interfaces.layers.DataLayerInterface):
+class RawFileLayer(FrameDictLayer):
     """Physical memory read from a raw image file; zeros past its end."""
 
     def __init__(self, context: Any, config_path: str, name: str, path: Path) -> None:
-        super().__init__(context, config_path, name, None)
+        super().__init__(context, config_path, name, {})
         self._file = path.open("rb")
         self._size = path.stat().st_size
-
-    @property
-    def maximum_address(self) -> int:
-        return (1 << 52) - 1
-
-    @property
-    def minimum_address(self) -> int:
-        return 0
-
-    def is_valid(self, offset: int, length: int = 1) -> bool:
-        return offset >= 0 and offset + length - 1 <= self.maximum_address
 
     def read(self, offset: int, length: int, pad: bool = False) -> bytes:
         self._file.seek(offset)
         data = self._file.read(max(0, min(length, self._size - offset)))
         return data + bytes(length - len(data))
-
-    def write(self, offset: int, data: bytes) -> None:
-        raise NotImplementedError("read-only")
-
-    @classmethod
-    def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
-        return []
 
 
 def test_volatility_walks_an_exported_x86_64_domain(machine: Machine, tmp_path: Path) -> None:
