@@ -23,7 +23,9 @@ from .qemu import OracleError, OracleUnavailable, qemu_binary
 
 KERNEL_ABI = "7.3.4+deb13-amd64"
 KERNEL_VERSION = "7.3.4-1~bpo13+1"
-ARCHIVE = "http://deb.debian.org/debian"
+#: where the Debian archive is: ``$IOMMUPT_ORACLE_ARCHIVE``, else the first Debian mirror the machine's
+#: own apt sources name (read, never changed)
+ARCHIVE_ENV = "IOMMUPT_ORACLE_ARCHIVE"
 SUITE = "trixie-backports"
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 PACKAGES = (f"linux-binary-{KERNEL_ABI}", f"linux-modules-{KERNEL_ABI}")
@@ -148,6 +150,28 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
     return proc.stdout
 
 
+def debian_archive() -> str:
+    """The Debian archive to fetch from: the environment's choice, else the machine's own mirror."""
+    chosen = os.environ.get(ARCHIVE_ENV)
+    if chosen:
+        return chosen.rstrip("/")
+    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            words = line.split("#", 1)[0].split()
+            uris = words[1:] if words[:1] == ["URIs:"] else [w for w in words[1:] if "://" in w][:1]
+            if words[:1] in (["deb"], ["URIs:"]):
+                for uri in uris:
+                    if "://" in uri and uri.rstrip("/").endswith("/debian"):
+                        return uri.rstrip("/")
+    raise OracleUnavailable(
+        f"no Debian archive found in the machine's apt sources: set ${ARCHIVE_ENV} to a Debian mirror's URL"
+    )
+
+
 def _private_apt(root: Path, suite: str) -> list[str]:
     """apt options for a configuration of its own under ``root`` naming only ``suite``; runs its update.
 
@@ -155,7 +179,8 @@ def _private_apt(root: Path, suite: str) -> list[str]:
     for d in ("lists/partial", "cache/archives/partial"):
         (root / d).mkdir(parents=True, exist_ok=True)
     sources, status = root / "sources.list", root / "status"
-    sources.write_text(f"deb [signed-by={KEYRING}] {ARCHIVE} {suite} main\n")
+    archive = debian_archive()
+    sources.write_text(f"deb [signed-by={KEYRING}] {archive} {suite} main\n")
     status.touch()
     opts = [
         f"-oDir::Etc::sourcelist={sources}",
@@ -168,7 +193,7 @@ def _private_apt(root: Path, suite: str) -> list[str]:
         "-oDebug::NoLocking=1",
         "-qq",
     ]
-    _run(["apt-get", *opts, "update"], f"apt-get update of {suite} (is {ARCHIVE} reachable?)")
+    _run(["apt-get", *opts, "update"], f"apt-get update of {suite} (is {archive} reachable?)")
     return opts
 
 
@@ -186,7 +211,7 @@ def _fetch_kernel(cache: Path, log: list[str]) -> None:
     wanted = [f"{p}={KERNEL_VERSION}" for p in PACKAGES]
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         _download_and_unpack(opts, wanted, Path(tmp), cache / "apt")
-        log.append(f"downloaded {', '.join(wanted)} from {ARCHIVE} {SUITE}")
+        log.append(f"downloaded {', '.join(wanted)} from {debian_archive()} {SUITE}")
         tree = Path(tmp) / "usr" / "lib" / "modules" / KERNEL_ABI
         kernel_dir = cache / "kernel" / "modules"
         kernel_dir.mkdir(parents=True, exist_ok=True)
