@@ -140,7 +140,12 @@ def test_boot_history_is_reported_and_refused(built: tuple[Machine, int, int], d
     _sql(db_path, "UPDATE boot SET number = 3")
     assert _report_from(machine) == ["boot history: boot numbers are 3, not 1..1 (rows 1)"]
     runner = CliRunner()
-    refused = runner.invoke(cli, ["--db", str(db_path), "-m", machine.name, "fsck"])
+    # fsck only looks (it never attaches), so it reports the history rather than being refused by it
+    reported = runner.invoke(cli, ["--db", str(db_path), "-m", machine.name, "fsck"])
+    assert reported.exit_code == 65
+    assert "boot history: boot numbers are 3, not 1..1 (rows 1)" in reported.stdout
+    # a command that attaches is refused before it changes anything
+    refused = runner.invoke(cli, ["--db", str(db_path), "-m", machine.name, "domain", "create", "vtdss"])
     assert refused.exit_code == 65
     assert "impossible boot history: boot numbers are 3, not 1..1 (rows 1)" in refused.stderr
 
