@@ -259,8 +259,9 @@ def ledger_problems(tx: Transaction, domain_id: int, walker: HardwareWalker) -> 
     stored = stored_runs(tx, domain_id)
     if found == stored:
         return []
-    missing = [r for r in found if r not in set(stored)]
-    extra = [r for r in stored if r not in set(found)]
+    stored_set, found_set = set(stored), set(found)
+    missing = [r for r in found if r not in stored_set]
+    extra = [r for r in stored if r not in found_set]
     out = []
     for r in missing[:3]:
         out.append(
