@@ -18,12 +18,11 @@ from sqlalchemy import Connection, func, select
 
 from .db.models import Boot, Page
 from .db.models import Domain as DomainRow
+from .domains import stored_geometry
 from .errors import InvalidArgument
-from .formats import get_format
 from .formats.base import Feature
 from .machine import Machine
 from .memory import PAGE_SHIFT
-from .pagetable.engine import range_vasz
 
 SIDECAR_VERSION = 1
 _BATCH = 256
@@ -134,8 +133,7 @@ def _domains(machine: Machine, conn: Connection) -> list[ImageDomain]:
     ).mappings()
     out = []
     for r in rows:
-        fmt = get_format(r["format"])
-        feats = frozenset(Feature(f) for f in r["features"])
+        fmt, feats, vasz = stored_geometry(r)  # a hand-edited row is bad data naming it
         out.append(
             ImageDomain(
                 id=r["id"],
@@ -144,7 +142,7 @@ def _domains(machine: Machine, conn: Connection) -> list[ImageDomain]:
                 top_phys=r["top_phys"],
                 levels=r["top_level"] + 1,
                 top_level=r["top_level"],
-                vasz=range_vasz(fmt, r["top_level"], r["max_vasz_lg2"], feats),
+                vasz=vasz,
                 sign_extend=fmt.effective(Feature.SIGN_EXTEND, feats),
                 features=sorted(f.value for f in feats),
             )

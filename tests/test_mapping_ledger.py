@@ -23,7 +23,7 @@ from iommupt_store.fsck import fsck
 from iommupt_store.machine import Machine
 from iommupt_store.mappings import Run, coalesce, stored_runs, walker_runs
 from iommupt_store.store import Store
-from tests.conftest import subprocess_env
+from tests.conftest import InvokeCli, sql, subprocess_env
 from tests.test_postgres import fresh_pg_database
 
 PG_URL = os.environ.get("IOMMUPT_TEST_PG_URL")
@@ -162,3 +162,23 @@ def test_live_update_moves_and_drops_runs_on_postgres() -> None:
             frames = conn.execute("SELECT count(*) FROM table_frame WHERE NOT preserved").fetchone()
         assert views is not None and views[0] == 1  # the VMM's new domain
         assert frames is not None and frames[0] > 0
+
+
+def test_revision_0006_fills_the_ledger_and_preservation_domains(cli: InvokeCli, db_path: Path) -> None:
+    """A store preserved before 0006 gets its runs and preservation domains when upgraded."""
+    for args in (
+        ["init", "--mem", "1G"],
+        ["domain", "create", "x86_64"],
+        ["map", "1", "0x0", "0x40000000", "8K"],
+        ["map", "1", "0xffff800000000000", "0x80000000", "2M"],
+        ["preserve", "1", "--token", "1"],
+        ["db", "downgrade", "0005"],
+        ["db", "upgrade"],
+    ):
+        assert cli(*args).exit_code == 0, args
+    assert sql(db_path, "SELECT DISTINCT domain_id FROM preservation") == [(1,)]
+    assert sorted(r[0] for r in sql(db_path, "SELECT level FROM preservation")) == [0, 1, 1, 2, 2, 3]
+    machine = Store(db_path).observe()
+    assert_ledger(machine, 1)
+    with machine.transaction(write=False) as tx:
+        assert [r.size for r in stored_runs(tx, 1)] == [0x2000, 0x20_0000]

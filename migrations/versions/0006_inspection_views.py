@@ -14,7 +14,6 @@ rows), and creates the views ``mapping``, ``table_frame``,
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -74,23 +73,16 @@ def downgrade() -> None:
 
 
 # -- data ----------------------------------------------------------------------------------
-_OWNER = re.compile(r"^iommupt:domain/([0-9]+)$")
-
-
 def _fill_preservation_domains() -> None:
-    conn = op.get_bind()
-    rows = conn.execute(sa.text("SELECT id, machine_id, pfn, preserved_by FROM preservation")).all()
-    for pid, machine_id, pfn, who in rows:
-        m = _OWNER.match(str(who))
-        if m is None:
-            continue
-        level = conn.execute(
-            sa.text("SELECT level FROM page WHERE machine_id = :m AND pfn = :p"), {"m": machine_id, "p": pfn}
-        ).scalar()
-        conn.execute(
-            sa.text("UPDATE preservation SET domain_id = :d, level = :l WHERE id = :i"),
-            {"d": int(m.group(1)), "l": level, "i": pid},
-        )
+    """One statement: the domain from ``preserved_by`` ('iommupt:domain/N'), the level from the page row."""
+    op.execute(
+        """
+UPDATE preservation
+SET domain_id = CAST(substr(preserved_by, 16) AS INTEGER),
+    level = (SELECT p.level FROM page p WHERE p.machine_id = preservation.machine_id AND p.pfn = preservation.pfn)
+WHERE preserved_by LIKE 'iommupt:domain/%'
+"""
+    )
 
 
 def _fill_mapping_runs() -> None:
