@@ -277,14 +277,6 @@ def ledger_problems(tx: Transaction, domain_id: int, walker: HardwareWalker) -> 
     return out
 
 
-def page_sizes(walker_or_runs: Iterable[Run]) -> dict[int, int]:
-    """Leaves per page size over some runs."""
-    out: dict[int, int] = {}
-    for r in walker_or_runs:
-        out[r.page_size] = out.get(r.page_size, 0) + r.size // r.page_size
-    return out
-
-
 __all__ = [
     "Run",
     "coalesce",
