@@ -18,6 +18,18 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+def _count(conn: sa.Connection, table: str, *where: sa.ColumnElement[bool]) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).select_from(sa.table(table)).where(*where)).scalar_one())
+
+
+def would_lose(conn: sa.Connection) -> list[str]:
+    """Reverting this revision drops every table: every machine, its boots and frames."""
+    machines = _count(conn, "machine")
+    if not machines:
+        return []
+    return [f"{machines} machine(s) with {_count(conn, 'boot')} boot(s) and {_count(conn, 'page')} page(s)"]
+
+
 def upgrade() -> None:
     op.create_table(
         "machine",

@@ -18,6 +18,16 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+def _count(conn: sa.Connection, table: str, *where: sa.ColumnElement[bool]) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).select_from(sa.table(table)).where(*where)).scalar_one())
+
+
+def would_lose(conn: sa.Connection) -> list[str]:
+    """The domains table goes; their frames would stay as plain pages with no owner domain."""
+    n = _count(conn, "domain")
+    return [f"{n} domain(s) (their frames would stay as pages that belong to no domain)"] if n else []
+
+
 def upgrade() -> None:
     op.create_table(
         "domain",

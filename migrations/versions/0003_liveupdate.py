@@ -18,6 +18,22 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+def _count(conn: sa.Connection, table: str, *where: sa.ColumnElement[bool]) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).select_from(sa.table(table)).where(*where)).scalar_one())
+
+
+def would_lose(conn: sa.Connection) -> list[str]:
+    """Preservation records, handover entries and the incoherent-frame marks go."""
+    out = []
+    if n := _count(conn, "handover_entry"):
+        out.append(f"{n} handover entr{'y' if n == 1 else 'ies'}")
+    if n := _count(conn, "preservation"):
+        out.append(f"{n} preservation record(s) (preserved frames)")
+    if n := _count(conn, "page", sa.column("incoherent") == sa.true()):
+        out.append(f"the incoherent mark of {n} page(s)")
+    return out
+
+
 def upgrade() -> None:
     op.create_table(
         "preservation",

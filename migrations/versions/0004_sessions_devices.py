@@ -18,6 +18,23 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+def _count(conn: sa.Connection, table: str, *where: sa.ColumnElement[bool]) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).select_from(sa.table(table)).where(*where)).scalar_one())
+
+
+def would_lose(conn: sa.Connection) -> list[str]:
+    """Sessions and devices go; handover entries lose their kind and session."""
+    out = []
+    if n := _count(conn, "luo_session"):
+        out.append(f"{n} LUO session(s) (their handover entries lose their session)")
+    if n := _count(conn, "device"):
+        out.append(f"{n} device(s) (their attachments and owners)")
+    if n := _count(conn, "handover_entry", sa.column("kind") == "device"):
+        entries = f"{n} device handover entr{'y' if n == 1 else 'ies'}"
+        out.append(f"{entries} (an older store would read them as domain entries)")
+    return out
+
+
 def upgrade() -> None:
     op.create_table(
         "luo_session",

@@ -11,17 +11,27 @@ this revision stay restorable.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
-
-from iommupt_store.liveupdate.digests import entry_digest, frames_digest, owner_tag, seal_digest
 
 revision: str = "0005"
 down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+
+#: its upgrade reads rows (to compute the digests): offline SQL cannot express it
+data_migration = True
+
+
+def would_lose(conn: sa.Connection) -> list[str]:
+    """Lossless: the digests are computed from the rows that stay, and this upgrade computes them again."""
+    return []
+
 
 # the tables as this revision knows them (the models may move on)
 boot = sa.table(
@@ -58,6 +68,78 @@ preservation = sa.table(
     sa.column("preserved_by", sa.String),
     sa.column("content_hash", sa.String),
 )
+
+
+# -- frozen transforms ---------------------------------------------------------------------
+# A copy of iommupt_store.liveupdate.digests as it was at this revision (digest format 1).
+# A revision never imports the live package: if the live digests change, this revision must
+# still compute what a 0005 database holds (tests/test_migrations_frozen.py compares both).
+_DIGEST_FORMAT = 1
+
+
+def owner_tag(domain_id: int) -> str:
+    return f"iommupt:domain/{domain_id}"
+
+
+def _sha256(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def entry_digest(
+    *,
+    machine_id: int,
+    boot_id: int,
+    boot_number: int,
+    token: int,
+    kind: str,
+    compatible: str,
+    descriptor: Any,
+    domain_id: int | None,
+    device_id: int | None,
+    session_id: int | None,
+    session_name: str | None,
+) -> str:
+    return _sha256(
+        {
+            "format": _DIGEST_FORMAT,
+            "machine_id": machine_id,
+            "boot_id": boot_id,
+            "boot": boot_number,
+            "token": token,
+            "kind": kind,
+            "compatible": compatible,
+            "descriptor": descriptor,
+            "domain_id": domain_id,
+            "device_id": device_id,
+            "session_id": session_id,
+            "session": session_name,
+        }
+    )
+
+
+def frames_digest(frames: Iterable[tuple[int, int, str]]) -> str:
+    return _sha256({"format": _DIGEST_FORMAT, "frames": sorted([list(f) for f in frames])})
+
+
+def seal_digest(
+    *,
+    boot_id: int,
+    boot_number: int,
+    entries: Iterable[tuple[int, str | None, str | None]],
+    sessions: Iterable[tuple[int, str]],
+    preservations: Iterable[tuple[int, int, str, str]],
+) -> str:
+    return _sha256(
+        {
+            "format": _DIGEST_FORMAT,
+            "boot_id": boot_id,
+            "boot": boot_number,
+            "entries": sorted([list(e) for e in entries]),
+            "sessions": sorted([list(s) for s in sessions]),
+            "preservations": sorted([list(p) for p in preservations]),
+        }
+    )
 
 
 def _u64(v: int) -> int:
