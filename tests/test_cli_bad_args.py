@@ -70,6 +70,9 @@ VALID = {
     "image": "mem.raw",  # relative: the cases run in their own temporary directory
     "command": "print(len(list_domains(tx)))",
     "iova_range": "0x0:0x1fffff",
+    "message": "add a column",
+    "directory": "my-migrations",  # relative, as "image"
+    "migrations": "my-migrations",
 }
 
 #: bad values by kind of parameter, and the exit code each kind must give
@@ -182,9 +185,11 @@ def _param_cases() -> Iterator[tuple[str, Case]]:
 
 
 #: commands that never open the database
-NO_DATABASE = {("db", "history")}
+NO_DATABASE = {("db", "history"), ("db", "heads"), ("db", "revision")}
 #: commands that never look at --machine (the demo has its own machine)
-IGNORES_MACHINE = {("demo",), ("db", "history"), ("db", "current"), ("db", "upgrade"), ("db", "downgrade")}
+IGNORES_MACHINE = {("demo",)} | {
+    ("db", name) for name in ("history", "heads", "revision", "current", "stamp", "upgrade", "downgrade")
+}
 #: commands that create a missing database
 CREATES = {("init",), ("demo",)}
 BAD_DBS = {
