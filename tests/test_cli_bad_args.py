@@ -73,6 +73,7 @@ VALID = {
     "message": "add a column",
     "directory": "my-migrations",  # relative, as "image"
     "migrations": "my-migrations",
+    "rev_id": "lab01",
 }
 
 #: bad values by kind of parameter, and the exit code each kind must give

@@ -342,9 +342,10 @@ def history(as_json: bool) -> None:
     type=click.Path(file_okay=False),
     help="Your versions directory (created if missing; never inside the installed package).",
 )
+@click.option("--rev-id", help="The new revision's id (default: a random one).")
 @migrations_option
 @json_option
-def revision(message: str, directory: str, as_json: bool) -> None:
+def revision(message: str, directory: str, rev_id: str | None, as_json: bool) -> None:
     """Create an empty revision in your own versions directory, chained on the current head.
 
     Fill in its upgrade() and downgrade(); define would_lose(conn) if the
@@ -355,8 +356,9 @@ def revision(message: str, directory: str, as_json: bool) -> None:
     \b
     Example:
       iommupt-store db revision -m "add a note to each device" --dir ./my-migrations
+      iommupt-store db revision -m "lab notes" --dir ./my-migrations --rev-id lab01
     """
-    made = migrate.new_revision(message, directory, dirs=_dirs())
+    made = migrate.new_revision(message, directory, dirs=_dirs(), rev_id=rev_id)
     if as_json:
         emit_json(made)
     else:

@@ -403,10 +403,15 @@ def head_scripts(dirs: Sequence[Path] = ()) -> list[dict[str, str | None]]:
     ]
 
 
-def new_revision(message: str, directory: str | os.PathLike[str], *, dirs: Sequence[Path] = ()) -> dict[str, str]:
+def new_revision(
+    message: str, directory: str | os.PathLike[str], *, dirs: Sequence[Path] = (), rev_id: str | None = None
+) -> dict[str, str]:
     """A new, empty revision in the user's ``directory``, chained on the current head; its id and file."""
     from alembic import command
     from alembic.util import CommandError
+
+    if rev_id is not None and not re.fullmatch(r"[A-Za-z0-9_]{1,32}", rev_id):
+        raise InvalidArgument(f"{rev_id!r} is not a revision id (1 to 32 letters, digits or _)")
 
     target = Path(directory).expanduser().absolute()
     package_root = Path(__file__).resolve().parent.parent
@@ -418,7 +423,9 @@ def new_revision(message: str, directory: str | os.PathLike[str], *, dirs: Seque
     head = head_revision(all_dirs)
     cfg = alembic_config("sqlite://", dirs=all_dirs)
     try:
-        made = command.revision(cfg, message=message, head=head, version_path=str(target))
+        if rev_id is not None and rev_id in known_revisions(all_dirs):
+            raise InvalidArgument(f"revision {rev_id} exists already")
+        made = command.revision(cfg, message=message, head=head, version_path=str(target), rev_id=rev_id)
     except CommandError as e:
         raise InvalidArgument(f"cannot create a revision in {target}: {e}") from e
     assert made is not None and not isinstance(made, list)
