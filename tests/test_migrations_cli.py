@@ -217,6 +217,7 @@ def test_users_revisions_upgrade_open_and_come_back(
     ok(cli("status", env={"IOMMUPT_MIGRATIONS": str(mine)}))
     monkeypatch.setenv("IOMMUPT_MIGRATIONS", str(mine))
     Store(db_path).close()
+    Store.init(db_path).close()  # init upgrades with the variable's directories too: nothing to do
     cur = json.loads(ok(cli("db", "current", "--json")).stdout)
     assert cur["current"] == made["revision"] and cur["up_to_date"] and not cur["newer"]
     ok(cli("db", "downgrade", HEAD, "--no-backup"))

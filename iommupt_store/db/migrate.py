@@ -349,14 +349,17 @@ def offline_sql(url: str, revision: str, *, dirs: Sequence[Path] = ()) -> Migrat
     )
 
 
-def upgrade(url: str, revision: str = "head", *, create: bool = True, dirs: Sequence[Path] = ()) -> None:
-    """Upgrade to ``revision``; ``create=False`` refuses an SQLite file that does not exist yet."""
-    run(url, "upgrade", revision, create=create, dirs=dirs)
+def upgrade(url: str, revision: str = "head", *, create: bool = True, dirs: Sequence[Path] | None = None) -> None:
+    """Upgrade to ``revision``; ``create=False`` refuses an SQLite file that does not exist yet.
+
+    ``dirs``: the user's revision directories (default: ``$IOMMUPT_MIGRATIONS``).
+    """
+    run(url, "upgrade", revision, create=create, dirs=user_dirs() if dirs is None else dirs)
 
 
-def downgrade(url: str, revision: str, *, force: bool = False, dirs: Sequence[Path] = ()) -> None:
+def downgrade(url: str, revision: str, *, force: bool = False, dirs: Sequence[Path] | None = None) -> None:
     """Downgrade to ``revision``; refused when it would drop data, unless ``force``."""
-    run(url, "downgrade", revision, force=force, dirs=dirs)
+    run(url, "downgrade", revision, force=force, dirs=user_dirs() if dirs is None else dirs)
 
 
 def stamp(url: str, revision: str, *, dirs: Sequence[Path] = (), purge: bool = False) -> tuple[str | None, str | None]:
