@@ -230,7 +230,7 @@ def upgrade(ctx: Context, revision: str, offline: bool, no_backup: bool, as_json
 @json_option
 @pass_ctx
 def downgrade(ctx: Context, revision: str, force: bool, no_backup: bool, as_json: bool) -> None:
-    """Downgrade the schema to REVISION (e.g. -1, or a revision id; 'base' empties it).
+    """Downgrade the schema to REVISION: a revision id, a step such as -1, or base (empty).
 
     Refused, changing nothing, when a reverted revision would drop data (LUO
     sessions, devices, handover entries ...): the message lists it; --force
