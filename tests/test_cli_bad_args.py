@@ -70,6 +70,8 @@ VALID = {
     "image": "mem.raw",  # relative: the cases run in their own temporary directory
     "command": "print(len(list_domains(tx)))",
     "iova_range": "0x0:0x1fffff",
+    "expect": "runs.json",
+    "max_differences": "5",
 }
 
 #: bad values by kind of parameter, and the exit code each kind must give

@@ -8,9 +8,11 @@ differing runs, joined and capped; a broken table structure is bad data.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +23,7 @@ from iommupt_store.machine import Machine
 from iommupt_store.mappings import walker_runs
 from iommupt_store.store import Store
 from iommupt_store.verify import ExpectedRun, parse_expectation, verify_domain
-from tests.conftest import sql
+from tests.conftest import InvokeCli, one_error_line, sql
 from tests.test_postgres import fresh_pg_database
 
 PG_URL = os.environ.get("IOMMUPT_TEST_PG_URL")
@@ -237,3 +239,43 @@ def test_postgres_verify() -> None:
             with store.observe("pg").transaction(write=False) as tx:
                 assert verify_domain(tx, domain_id).ok
                 assert verify_domain(tx, domain_id, expected).summary.bytes_matching == total
+
+
+# -- the command ---------------------------------------------------------------------------------------
+
+
+def test_command(cli: InvokeCli, tmp_path: Path) -> None:
+    for args in (["init", "--mem", "8G"], ["domain", "create", "x86_64"], ["map", "1", "0x0", "0x100000000", "4M"]):
+        assert cli(*args).exit_code == 0
+    ok = cli("verify", "1")
+    assert ok.exit_code == 0, ok.stderr
+    assert "1024 translation(s)" in ok.stdout and "every translation matches" in ok.stdout
+    runs = tmp_path / "runs.json"
+    runs.write_text(
+        '[{"iova": "0x0", "phys": "0x100000000", "length": "2M"}, {"iova": "2M", "phys": 0, "length": "2M"}]'
+    )
+    bad = cli("verify", "1", "--expect", str(runs), "--json")
+    assert bad.exit_code == 1
+    doc = json.loads(bad.stdout)
+    assert doc["differences"] == [
+        {
+            "kind": "wrong_phys",
+            "iova": "0x200000",
+            "length": 2 << 20,
+            "expected_phys": "0x0",
+            "found_phys": "0x100200000",
+            "expected_prot": "rw",
+            "found_prot": "rw",
+        }
+    ]
+    assert doc["differences_total"] == 1 and doc["summary"]["bytes_matching"] == 2 << 20
+    table = cli("verify", "1", "--expect", str(runs), "--max-differences", "0")
+    assert table.exit_code == 1 and "1 differing run(s), the first 0 listed" in table.stdout
+    runs.write_text('[{"iova": "0x0", "phys": "0x100000000"}]')
+    usage = cli("verify", "1", "--expect", str(runs))
+    assert usage.exit_code == 2
+    assert one_error_line(usage.stderr) == (
+        "error: usage: Invalid value for --expect: expectation run 0.length: Field required "
+        "(see 'iommupt-store verify --help')"
+    )
+    assert cli("verify", "7").exit_code == 1

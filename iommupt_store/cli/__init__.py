@@ -21,6 +21,7 @@ from .domain_cmds import COMMANDS as DOMAIN_COMMANDS
 from .inspect_cmds import COMMANDS as INSPECT_COMMANDS
 from .liveupdate_cmds import COMMANDS as LIVEUPDATE_COMMANDS
 from .session_cmds import COMMANDS as SESSION_COMMANDS
+from .verify_cmd import COMMANDS as VERIFY_COMMANDS
 
 EPILOG = f"""\b
 Start with 'iommupt-store demo': a whole live update across two processes.
@@ -35,8 +36,8 @@ Exit codes:
   {EXIT_TEMPFAIL}  the database stayed locked by another process (try again)
 
 \b
-Commands that only look (status, domains, show, translate, handover,
-sessions, devices, device translate, fsck, query, export-image, shell)
+Commands that only look (status, domains, show, translate, verify,
+handover, sessions, devices, device translate, fsck, query, export-image, shell)
 never attach to the machine: they do not start the next boot after a live
 update and write nothing. The others attach to the current boot.
 
@@ -92,7 +93,7 @@ cli.add_command(init)
 cli.add_command(status)
 cli.add_command(db)
 cli.add_command(fsck)
-for _cmd in DOMAIN_COMMANDS + LIVEUPDATE_COMMANDS + SESSION_COMMANDS + INSPECT_COMMANDS:
+for _cmd in DOMAIN_COMMANDS + LIVEUPDATE_COMMANDS + SESSION_COMMANDS + INSPECT_COMMANDS + VERIFY_COMMANDS:
     cli.add_command(_cmd)
 
 
