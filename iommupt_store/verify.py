@@ -18,8 +18,6 @@ write it; page sizes and other attribute bits are not compared.
 
 from __future__ import annotations
 
-import sys
-from array import array
 from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Any, Literal
 
@@ -352,21 +350,15 @@ class _Walk:
         n = 1 << (self.vasz - item_lg2sz(self.top_level))
         yield from self._table(top, self.top_level, 0, min(n, ITEMS_PER_TABLE), True)
 
-    def _read(self, addrs: list[int]) -> dict[int, array[int]]:
-        """The frames at ``addrs`` (one query, in pfn order), each as 512 u64 items."""
+    def _read(self, addrs: list[int]) -> dict[int, bytes]:
+        """The frames at ``addrs`` (one query, in pfn order)."""
         pfns = sorted({a >> PAGE_SHIFT for a in addrs})
         rows = self.tx.conn.execute(
             select(Page.pfn, Page.page_order, Page.contents)
             .where(Page.machine_id == self.tx.machine.id, Page.domain_id == self.domain_id, Page.pfn.in_(pfns))
             .order_by(Page.pfn)
         )
-        out: dict[int, array[int]] = {}
-        for pfn, order, contents in rows:
-            items = array("Q")
-            items.frombytes(frame_bytes(pfn, order, contents))
-            if sys.byteorder != "little":
-                items.byteswap()
-            out[pfn] = items
+        out = {pfn: frame_bytes(pfn, order, contents) for pfn, order, contents in rows}
         if len(out) != len(pfns):
             gone = min(set(pfns) - out.keys())
             raise WalkError(
@@ -390,10 +382,10 @@ class _Walk:
             rights = self._rights[attrs] = permissions(self.fmt.name, raw)
         return rights
 
-    def _table(self, items: array[int], level: int, base: int, n: int, top: bool) -> Iterator[_TRun]:
-        runs = self.fmt.scan_frame(items, level, n)
+    def _table(self, data: bytes, level: int, base: int, n: int, top: bool) -> Iterator[_TRun]:
+        runs = self.fmt.scan_frame(data, level, n)
         pointers = [r.addr for r in runs if r.table]
-        children: dict[int, array[int]] = {}
+        children: dict[int, bytes] = {}
         if pointers:
             if level == 0:
                 raise WalkError(f"domain {self.domain_id}: a level-0 table holds a table pointer")

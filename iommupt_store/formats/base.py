@@ -13,6 +13,8 @@ little-endian u64 items; sizes are passed as log2 ("lg2").
 from __future__ import annotations
 
 import enum
+import functools
+import sys
 from abc import ABC, abstractmethod
 from array import array
 from dataclasses import dataclass
@@ -114,6 +116,19 @@ class Geometry:
     max_oasz_lg2: int
 
 
+@functools.lru_cache(maxsize=1024)
+def _ramp(count: int, step: int) -> tuple[int, int]:
+    """``count`` little-endian u64 lanes as one integer: a 1 in every lane, and ``j * step`` in lane j."""
+    ones = ((1 << (64 * count)) - 1) // U64_MASK
+    return ones, sum((j * step) << (64 * j) for j in range(count))
+
+
+def _is_ramp(lanes: memoryview, first: int, step: int) -> bool:
+    """Whether the u64 items in ``lanes`` are ``first``, ``first + step``, ... (none overflowing)."""
+    ones, ramp = _ramp(len(lanes) // 8, step)
+    return int.from_bytes(lanes, "little") == first * ones + ramp
+
+
 def item_lg2sz(level: int) -> int:
     """log2 of the size one item covers at ``level``."""
     return GRANULE_LG2 + TABLE_ITEMS_LG2 * level
@@ -208,20 +223,26 @@ class PageTableFormat(ABC):
         return raw & self.attr_mask
 
     # -- whole frames -----------------------------------------------------------
-    def scan_frame(self, items: array[int], level: int, n: int = ITEMS_PER_TABLE) -> list[FrameRun]:
-        """The first ``n`` items of a table at ``level`` as the hardware reads them: table pointers
-        one by one and leaves joined into maximal runs (``FrameRun``), in index order.
+    def scan_frame(self, data: bytes, level: int, n: int = ITEMS_PER_TABLE) -> list[FrameRun]:
+        """The first ``n`` items of the table ``data`` (4 KiB) at ``level`` as the hardware reads
+        them: table pointers one by one and leaves joined into maximal runs (``FrameRun``), in
+        index order.
 
         Built on ``decode`` (the entry bits alone decide, as in the walker), with one shortcut:
         single-item leaves whose entries differ only by an address that grows one item at a time
-        are recognised by comparing whole slices, so a full table of 4 KiB pages costs a few
-        array operations rather than 512 decodes.
+        are recognised with one comparison of the whole stretch as a big integer, so a full
+        table of 4 KiB pages costs a few integer operations rather than 512 decodes.
         """
+        items = array("Q")
+        items.frombytes(data)
+        if sys.byteorder != "little":
+            items.byteswap()
         out: list[FrameRun] = []
         decode, empty = self.decode, frozenset[Feature]()
         isz = item_lg2sz(level)
         step = 1 << (isz - GRANULE_LG2 + self.oa_raw_shift)
         oa_mask = self.oa_mask
+        view = memoryview(data)
         i = 0
         while i < n:
             raw = items[i]
@@ -245,7 +266,7 @@ class PageTableFormat(ABC):
             if ((raw & oa_mask) >> self.oa_raw_shift) << GRANULE_LG2 != d.addr:
                 room = 1
             end = i + room
-            if room > 1 and items[i:end] == array("Q", range(raw, raw + room * step, step)):
+            if room > 1 and items[end - 1] == raw + (room - 1) * step and _is_ramp(view[8 * i : 8 * end], raw, step):
                 j = end
             else:
                 j, nxt = i + 1, raw + step
