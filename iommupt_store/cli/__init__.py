@@ -14,7 +14,7 @@ import click
 
 from ..errors import EXIT_DATAERR, EXIT_FAILURE, EXIT_SOFTWARE, EXIT_TEMPFAIL, EXIT_USAGE
 from ..store import DEFAULT_MACHINE, ENV_DB
-from . import guard
+from . import guard, render
 from .common import Context, Group
 from .db_cmds import db, fsck, init, status
 from .domain_cmds import COMMANDS as DOMAIN_COMMANDS
@@ -76,9 +76,10 @@ class RootGroup(Group):
     show_default=True,
     help="Machine (host) in the database to act on.",
 )
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or spinners on stderr (shown on a terminal only).")
 @click.version_option(package_name="iommupt-store")
 @click.pass_context
-def cli(ctx: click.Context, db: str | None, machine: str) -> None:
+def cli(ctx: click.Context, db: str | None, machine: str, quiet: bool) -> None:
     """iommupt-store: IOMMU page tables and their live-update preservation, in a database.
 
     A machine's memory, its IOMMU page-table frames (real PTE bytes) and the
@@ -86,6 +87,7 @@ def cli(ctx: click.Context, db: str | None, machine: str) -> None:
     with plain SQL. Each invocation is one process attached to the machine's
     current boot.
     """
+    render.set_quiet(quiet)
     ctx.obj = Context(db=db, machine_name=machine)
 
 

@@ -106,8 +106,19 @@ def show(renderable: RenderableType) -> None:
     _console(stderr=False).print(renderable)
 
 
+#: set by the root ``--quiet`` option: no spinners or progress bars at all
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
 def progress(message: str) -> Any:
-    """A spinner on stderr while a long step runs (a context manager)."""
+    """A spinner on stderr while a long step runs (a context manager); nothing with ``--quiet``."""
+    if _quiet:
+        return contextlib.nullcontext()
     return _console(stderr=True).status(literal(message), spinner="dots")
 
 
@@ -119,11 +130,11 @@ PROGRESS_AFTER_S = 1.0
 def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
     """A progress bar on stderr for a step of known size: yields ``advance(done, total)``.
 
-    Shown only when stderr is a terminal and the step has run for over a second;
-    it disappears when the step ends, leaving stdout to the result.
+    Shown only when stderr is a terminal, the step has run for over a second and
+    ``--quiet`` was not given; it disappears when the step ends, leaving stdout to the result.
     """
     console = _console(stderr=True)
-    if not console.is_terminal:
+    if _quiet or not console.is_terminal:
         yield lambda done, total: None
         return
     started = time.monotonic()

@@ -1,0 +1,79 @@
+"""Progress bars: on stderr, only on a terminal, never with ``--quiet``.
+
+The command runs in a child whose stderr is a pseudo-terminal (``pty``) or a
+pipe, with the one-second delay before a bar appears set to zero, so a small
+domain is enough to make the bar show.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import InvokeCli, subprocess_env
+
+#: the command line with bars shown at once (no one-second grace)
+RUN = (
+    "import sys; import iommupt_store.cli.render as r; r.PROGRESS_AFTER_S = 0; "
+    "from iommupt_store.cli import main; main(sys.argv[1:])"
+)
+
+
+@pytest.fixture
+def store(cli: InvokeCli, db_path: Path) -> Path:
+    for args in (["init", "--mem", "8G"], ["domain", "create", "x86_64"], ["map", "1", "0x0", "0x100000000", "8M"]):
+        assert cli(*args).exit_code == 0
+    return db_path
+
+
+def run(db: Path, *args: str, tty: bool) -> tuple[int, str, str]:
+    """``iommupt-store --db DB ARGS`` with stdout piped and stderr a terminal (``tty``) or a pipe."""
+    argv = [sys.executable, "-c", RUN, "--db", str(db), *args]
+    env = subprocess_env(TERM="xterm-256color", COLUMNS="100")
+    env.pop("NO_COLOR", None)
+    if not tty:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+        return proc.returncode, proc.stdout, proc.stderr
+    leader, follower = pty.openpty()
+    try:
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=follower, env=env)
+        os.close(follower)
+        out, err = child.stdout.read() if child.stdout else b"", b""  # the result fits the pipe
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            err += chunk
+        code = child.wait(timeout=60)
+    finally:
+        os.close(leader)
+    return code, out.decode(), err.decode(errors="replace")
+
+
+@pytest.mark.parametrize("args", [["verify", "1"], ["export-image", "mem.raw"]])
+def test_bar_on_a_terminal_only_and_never_with_quiet(
+    store: Path, args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # export-image writes its image here
+    code, out, err = run(store, *args, tty=True)
+    assert code == 0, err
+    assert args[0].split("-")[0] in err  # "verifying domain 1" / "exporting pages"
+    assert "\x1b[" in err  # drawn (and erased) with terminal controls
+    assert "Traceback" not in out + err
+
+    code, out_piped, err_piped = run(store, *args, tty=False)
+    assert code == 0 and err_piped == ""
+    assert out_piped.strip() == out.strip()
+
+    code, out_quiet, err_quiet = run(store, "--quiet", *args, tty=True)
+    assert code == 0
+    assert err_quiet == ""
+    assert out_quiet.strip() == out.strip()
