@@ -58,14 +58,22 @@ def run(db: Path, *args: str, tty: bool) -> tuple[int, str, str]:
     return code, out.decode(), err.decode(errors="replace")
 
 
-@pytest.mark.parametrize("args", [["verify", "1"], ["export-image", "mem.raw"]])
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["verify", "1"], "verifying domain 1"),  # reports frames read
+        (["export-image", "mem.raw"], "exporting pages"),  # reports pages written
+        (["show", "1"], "walking domain 1"),  # a step of unknown size: elapsed time
+        (["fsck"], "checking the stored state"),
+    ],
+)
 def test_bar_on_a_terminal_only_and_never_with_quiet(
-    store: Path, args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Path, args: list[str], says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # export-image writes its image here
     code, out, err = run(store, *args, tty=True)
     assert code == 0, err
-    assert args[0].split("-")[0] in err  # "verifying domain 1" / "exporting pages"
+    assert says in err
     assert "\x1b[" in err  # drawn (and erased) with terminal controls
     assert "Traceback" not in out + err
 
@@ -77,3 +85,12 @@ def test_bar_on_a_terminal_only_and_never_with_quiet(
     assert code == 0
     assert err_quiet == ""
     assert out_quiet.strip() == out.strip()
+
+
+def test_changing_commands_show_progress_too(store: Path) -> None:
+    code, _, err = run(store, "map", "1", "0x40000000", "0x200000000", "4M", tty=True)
+    assert code == 0 and "mapping 4M" in err
+    code, _, err = run(store, "-q", "map", "1", "0x80000000", "0x300000000", "4M", tty=True)
+    assert code == 0 and err == ""
+    code, _, err = run(store, "map", "1", "0xc0000000", "0x400000000", "4M", tty=False)
+    assert code == 0 and err == ""
