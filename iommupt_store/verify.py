@@ -24,11 +24,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from sqlalchemy import BigInteger, func, literal, select
 
-from .db.models import Domain as DomainRow
 from .db.models import MappingRun, Page
 from .db.rows import reads_stored_rows
-from .domains import frame_bytes, stored_geometry
-from .errors import InvalidArgument, IommuptError, NotFound
+from .domains import frame_bytes, stored_geometry, walkable_row
+from .errors import InvalidArgument, IommuptError
 from .formats.base import ITEMS_PER_TABLE, Feature, PageTableFormat, item_lg2sz
 from .formats.describe import permissions
 from .machine import Transaction
@@ -57,23 +56,21 @@ Progress = Callable[[int, int], None]
 
 
 # -- what the caller expects ---------------------------------------------------------------------
-def _number(value: Any) -> Any:
-    """JSON numbers as they are; strings as a kernel engineer types them (0x..., 4K, 2M)."""
-    if isinstance(value, str):
+def _text_as(parse: Callable[[str], int]) -> Callable[[Any], Any]:
+    """A validator that leaves JSON numbers alone and parses strings (``0x1000``, ``2M``, ``rw``)."""
+
+    def validate(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
         try:
-            return parse_number(value)
+            return parse(value)
         except IommuptError as e:
             raise ValueError(e.args[0] if e.args else str(e)) from None
-    return value
+
+    return validate
 
 
-def _prot(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return parse_prot(value)
-        except IommuptError as e:
-            raise ValueError(e.args[0] if e.args else str(e)) from None
-    return value
+_number, _prot = _text_as(parse_number), _text_as(parse_prot)
 
 
 class ExpectedRun(BaseModel):
@@ -434,18 +431,7 @@ def verify_domain(
     """
     if max_differences < 0:
         raise InvalidArgument(f"max_differences must be 0 or more, got {max_differences}")
-    tx.flush()
-    row = (
-        tx.conn.execute(
-            select(DomainRow.__table__).where(DomainRow.id == domain_id, DomainRow.machine_id == tx.machine.id)
-        )
-        .mappings()
-        .first()
-    )
-    if row is None:
-        raise NotFound(f"no domain {domain_id} on machine {tx.machine.name!r}")
-    if row["top_phys"] is None:
-        raise NotFound(f"domain {domain_id} has been freed")
+    row = walkable_row(tx, domain_id)
     frames_stored = tx.conn.execute(
         select(func.count()).select_from(Page).where(Page.machine_id == tx.machine.id, Page.domain_id == domain_id)
     ).scalar_one()

@@ -10,47 +10,24 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import struct
 from pathlib import Path
 
 import pytest
 
 from iommupt_store.domains import domain_alloc, get_domain, hardware_walker
-from iommupt_store.errors import BadData, InvalidArgument, IommuptError, NotFound
+from iommupt_store.errors import BadData, InvalidArgument, NotFound
 from iommupt_store.formats.base import Prot
 from iommupt_store.machine import Machine
 from iommupt_store.mappings import walker_runs
 from iommupt_store.store import Store
 from iommupt_store.verify import ExpectedRun, parse_expectation, verify_domain
 from tests.conftest import InvokeCli, one_error_line, sql
+from tests.test_mapping_ledger import churn
 from tests.test_postgres import fresh_pg_database
 
 PG_URL = os.environ.get("IOMMUPT_TEST_PG_URL")
-SIGN_EXTENDED = {"x86_64", "riscv"}
 RW = Prot.READ | Prot.WRITE
-
-
-def churn(machine: Machine, domain_id: int, fmt: str, seed: int, steps: int = 40) -> None:
-    rng = random.Random(seed)
-    bases = [0, 0x20_0000, 0x4000_0000, 0x7FFF_FFE0_0000]
-    for _ in range(steps):
-        iova = rng.choice(bases) + rng.randrange(64) * 0x1000 * rng.choice([1, 16, 512])
-        if fmt in SIGN_EXTENDED and rng.random() < 0.3:
-            iova |= 0xFFFF_8000_0000_0000
-        with machine.transaction() as tx:
-            dom = get_domain(tx, domain_id)
-            try:
-                if rng.random() < 0.7:
-                    paddr = iova & 0xFF_FFFF_FFFF if rng.random() < 0.5 else rng.randrange(0x10_0000, 1 << 32) & ~0xFFF
-                    length = rng.choice(
-                        [0x1000, 0x3000, 0x1_0000, 0x20_0000, 0x40_0000, 0x1000 * rng.randrange(1, 700)]
-                    )
-                    dom.map_range(iova, paddr, length, rng.choice([Prot.READ, Prot.WRITE, RW]))
-                else:
-                    dom.unmap_range(iova, rng.choice([0x1000, 0x1_0000, 0x20_0000]))
-            except IommuptError:
-                pass
 
 
 def walker_expectation(machine: Machine, domain_id: int) -> tuple[list[ExpectedRun], int]:
@@ -72,7 +49,7 @@ def walker_expectation(machine: Machine, domain_id: int) -> tuple[list[ExpectedR
 def test_random_domains_verify_clean(machine: Machine, fmt: str, seed: int) -> None:
     with machine.transaction() as tx:
         domain_id = domain_alloc(tx, fmt).id
-    churn(machine, domain_id, fmt, seed)
+    churn(machine, domain_id, fmt, seed, steps=40)
     expected, total = walker_expectation(machine, domain_id)
     with machine.store.observe(machine.name).transaction(write=False) as tx:
         report = verify_domain(tx, domain_id)
