@@ -9,7 +9,7 @@ only ``free``), ``freed``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -120,9 +120,17 @@ class Domain:
 
     # -- operations -----------------------------------------------------------------
     @atomic
-    def map_range(self, iova: int, paddr: int, length: int, prot: int = Prot.READ | Prot.WRITE) -> None:
+    def map_range(
+        self,
+        iova: int,
+        paddr: int,
+        length: int,
+        prot: int = Prot.READ | Prot.WRITE,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Map ``length`` bytes (see ``PageTable.map_range``; ``progress(done, length)`` counts bytes)."""
         pt = self._require("map")
-        segments = pt.map_range(iova, paddr, length, prot)
+        segments = pt.map_range(iova, paddr, length, prot, progress)
         mappings.record_map(self.tx, self.id, mappings.segment_runs(pt, segments, prot))
 
     @atomic

@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from iommupt_store.domains import domain_alloc
+from iommupt_store.fsck import fsck
+from iommupt_store.machine import Machine
+from iommupt_store.verify import verify_domain
 from tests.conftest import InvokeCli, subprocess_env
 
 #: the command line with bars shown at once (no one-second grace)
@@ -25,7 +29,7 @@ RUN = (
 
 
 @pytest.fixture
-def store(cli: InvokeCli, db_path: Path) -> Path:
+def populated(cli: InvokeCli, db_path: Path) -> Path:
     for args in (["init", "--mem", "8G"], ["domain", "create", "x86_64"], ["map", "1", "0x0", "0x100000000", "8M"]):
         assert cli(*args).exit_code == 0
     return db_path
@@ -68,29 +72,43 @@ def run(db: Path, *args: str, tty: bool) -> tuple[int, str, str]:
     ],
 )
 def test_bar_on_a_terminal_only_and_never_with_quiet(
-    store: Path, args: list[str], says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    populated: Path, args: list[str], says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # export-image writes its image here
-    code, out, err = run(store, *args, tty=True)
+    code, out, err = run(populated, *args, tty=True)
     assert code == 0, err
     assert says in err
     assert "\x1b[" in err  # drawn (and erased) with terminal controls
     assert "Traceback" not in out + err
 
-    code, out_piped, err_piped = run(store, *args, tty=False)
+    code, out_piped, err_piped = run(populated, *args, tty=False)
     assert code == 0 and err_piped == ""
     assert out_piped.strip() == out.strip()
 
-    code, out_quiet, err_quiet = run(store, "--quiet", *args, tty=True)
+    code, out_quiet, err_quiet = run(populated, "--quiet", *args, tty=True)
     assert code == 0
     assert err_quiet == ""
     assert out_quiet.strip() == out.strip()
 
 
-def test_changing_commands_show_progress_too(store: Path) -> None:
-    code, _, err = run(store, "map", "1", "0x40000000", "0x200000000", "4M", tty=True)
+def test_changing_commands_show_progress_too(populated: Path) -> None:
+    code, _, err = run(populated, "map", "1", "0x40000000", "0x200000000", "4M", tty=True)
     assert code == 0 and "mapping 4M" in err
-    code, _, err = run(store, "-q", "map", "1", "0x80000000", "0x300000000", "4M", tty=True)
+    code, _, err = run(populated, "-q", "map", "1", "0x80000000", "0x300000000", "4M", tty=True)
     assert code == 0 and err == ""
-    code, _, err = run(store, "map", "1", "0xc0000000", "0x400000000", "4M", tty=False)
+    code, _, err = run(populated, "map", "1", "0xc0000000", "0x400000000", "4M", tty=False)
     assert code == 0 and err == ""
+
+
+def test_core_functions_report_progress(machine: Machine) -> None:
+    """map, verify and fsck call ``progress(done, total)``; done grows to total."""
+    calls: dict[str, list[tuple[int, int]]] = {"map": [], "verify": [], "fsck": []}
+    with machine.transaction() as tx:
+        dom = domain_alloc(tx, "x86_64")
+        dom.map_range(0x0, 0x100001000, 4 << 20, progress=lambda d, t: calls["map"].append((d, t)))
+    with machine.transaction(write=False) as tx:
+        verify_domain(tx, dom.id, progress=lambda d, t: calls["verify"].append((d, t)))
+        fsck(tx, lambda d, t: calls["fsck"].append((d, t)))
+    assert calls["map"] == [(n << 21, 4 << 20) for n in (1, 2)]  # one call per leaf table filled
+    assert calls["verify"] == [(1, 5), (2, 5), (3, 5), (5, 5)]  # top, level 2, level 1, both leaf tables at once
+    assert calls["fsck"] == [(0, 1)]

@@ -118,9 +118,9 @@ def map_cmd(ctx: Context, domain_id: int, iova: int, paddr: int, length: int, pr
       iommupt-store map 1 0x0 0x100000000 1G          # one 1G page
       iommupt-store map 1 0x40000000 0x80001000 2M    # 512 4K pages (paddr only 4K aligned)
     """
-    with render.progress(f"mapping {_size(length)}"), ctx.machine().transaction() as tx:
+    with render.progress_bar(f"mapping {_size(length)}") as advance, ctx.machine().transaction() as tx:
         dom = get_domain(tx, domain_id)
-        dom.map_range(iova, paddr, length, prot)
+        dom.map_range(iova, paddr, length, prot, lambda done, total: advance(done >> 12, total >> 12))
         frames = len(dom.pt.collect_tables())
     if as_json:
         emit_json(
