@@ -4,8 +4,9 @@ Process A builds a domain of every format and configuration, maps a mix of
 page sizes, snapshots what the hardware walker sees, preserves every domain
 and seals the boot (``liveupdate``), then exits: the kexec. Process B opens
 the machine (boot N+1), checks DMA continuity through the preserved tables
-before restoring anything, restores every domain, checks again, frees them
-and checks that no frame is left. Nothing crosses between the two but
+before restoring anything, restores every domain, verifies every translation
+of it (``verify_domain``) against what A mapped, frees them and checks that no
+frame is left. Nothing crosses between the two but
 database rows (and the snapshot A took, which only the checker reads).
 
 Run as ``iommupt-store demo``; the children are ``python -m iommupt_store.demo``.
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +41,11 @@ from .liveupdate.sessions import (
     preserve_domain_in_session,
     retrieve_session,
 )
+from .machine import Transaction
 from .pagetable.walker import HardwareWalker
 from .reports import Report
 from .store import Store
+from .verify import ExpectedRun, verify_domain
 
 DEMO_MACHINE = "demo"
 MEM_BYTES = 64 << 30
@@ -135,6 +139,18 @@ def _check(w: HardwareWalker, expected: list[list[int]], where: str) -> int:
     return checked
 
 
+def _verified(tx: Transaction, domain_id: int, maps: Iterable[tuple[int, int, int] | list[int]], where: str) -> int:
+    """Every translation of the domain must be exactly the planned maps; returns how many (4 KiB) there are."""
+    expect = [ExpectedRun(iova=iova, phys=pa, length=length) for iova, pa, length in sorted(map(tuple, maps))]
+    report = verify_domain(tx, domain_id, expect)
+    if not report.ok:
+        d = report.differences[0]
+        raise AssertionError(
+            f"{where}: {report.differences_total} differing run(s), the first {d.kind} at {d.iova:#x} (+{d.length:#x})"
+        )
+    return report.summary.translations
+
+
 def reset_machine(store: Store, name: str) -> None:
     """Drop the machine and everything it holds, then create it again."""
     with store.writer.begin() as conn:
@@ -164,12 +180,18 @@ def build_and_preserve(db: str, machine_name: str, snapshot: Path) -> PhaseResul
             attach(tx, bdf, dom.id, owner=OWNER)
             preserve_domain_in_session(tx, SESSION, dom.id, token)
             preserve_device(tx, SESSION, bdf, 0x2000 + i)
-            w = hardware_walker(tx, dom.id)
-            leaves = _leaves(w)
-            checked += _check(w, leaves, f"{plan.label}, before the seal")
+            checked += _verified(tx, dom.id, plan.maps, f"{plan.label}, before the seal")
+            leaves = _leaves(hardware_walker(tx, dom.id))
             n = frame_counts(tx)[dom.id]
             frames += n
-            snap[str(token)] = {"label": plan.label, "domain": dom.id, "frames": n, "leaves": leaves, "bdf": bdf}
+            snap[str(token)] = {
+                "label": plan.label,
+                "domain": dom.id,
+                "frames": n,
+                "leaves": leaves,
+                "maps": plan.maps,
+                "bdf": bdf,
+            }
     boot = machine.boot_number
     report = liveupdate(machine)
     snapshot.write_text(json.dumps(snap))
@@ -198,7 +220,7 @@ def restore_and_verify(db: str, machine_name: str, snapshot: Path) -> PhaseResul
         retrieve_session(tx, SESSION)
         for token, entry in snap.items():
             dom = restore_domain(tx, int(token))  # re-attaches the device, with its preserved domain id
-            checked += _check(dma_walker(tx, entry["bdf"]), entry["leaves"], f"{entry['label']}, after restore")
+            checked += _verified(tx, dom.id, entry["maps"], f"{entry['label']}, after restore")
             entry["restored"] = dom.id
             reclaimed += len(dom.pt.collect_tables())
         leaked = handover_report(tx).leaked_frames

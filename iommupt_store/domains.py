@@ -9,7 +9,7 @@ only ``free``), ``freed``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -120,9 +120,17 @@ class Domain:
 
     # -- operations -----------------------------------------------------------------
     @atomic
-    def map_range(self, iova: int, paddr: int, length: int, prot: int = Prot.READ | Prot.WRITE) -> None:
+    def map_range(
+        self,
+        iova: int,
+        paddr: int,
+        length: int,
+        prot: int = Prot.READ | Prot.WRITE,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Map ``length`` bytes (see ``PageTable.map_range``; ``progress(done, length)`` counts bytes)."""
         pt = self._require("map")
-        segments = pt.map_range(iova, paddr, length, prot)
+        segments = pt.map_range(iova, paddr, length, prot, progress)
         mappings.record_map(self.tx, self.id, mappings.segment_runs(pt, segments, prot))
 
     @atomic
@@ -411,10 +419,9 @@ def frame_bytes(pfn: int, order: int, contents: bytes) -> bytes:
     return bytes(contents)
 
 
-@reads_stored_rows
-def hardware_walker(tx: Transaction, domain_id: int) -> HardwareWalker:
-    """A walker that sees only what the database holds for the domain: its row
-    and its frames' bytes (this transaction's changes are flushed first)."""
+def walkable_row(tx: Transaction, domain_id: int) -> Any:
+    """The row of a domain that has tables to walk, as stored (this transaction's changes are
+    flushed first); NotFound for an unknown or freed domain."""
     tx.flush()
     row = (
         tx.conn.execute(
@@ -427,6 +434,14 @@ def hardware_walker(tx: Transaction, domain_id: int) -> HardwareWalker:
         raise NotFound(f"no domain {domain_id} on machine {tx.machine.name!r}")
     if row["top_phys"] is None:
         raise NotFound(f"domain {domain_id} has been freed")
+    return row
+
+
+@reads_stored_rows
+def hardware_walker(tx: Transaction, domain_id: int) -> HardwareWalker:
+    """A walker that sees only what the database holds for the domain: its row
+    and its frames' bytes (this transaction's changes are flushed first)."""
+    row = walkable_row(tx, domain_id)
     fmt, features, vasz = stored_geometry(row)
     frames: dict[int, bytes] = {}
     for pfn, order, contents in tx.conn.execute(

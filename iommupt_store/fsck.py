@@ -21,6 +21,8 @@ Whatever restore would refuse as bad data is reported here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy import select, text
 
 from . import mappings
@@ -81,7 +83,7 @@ def _state_fits_boot(domain_id: int, state: str, boot_id: int, boots: list[tuple
     return f"domain {domain_id} is {state} but belongs to an earlier boot (row {boot_id}): it should be freed"
 
 
-def _domains(tx: Transaction) -> tuple[int, list[str]]:
+def _domains(tx: Transaction, progress: Callable[[int, int], None] | None = None) -> tuple[int, list[str]]:
     mid = tx.machine.id
     frames: dict[int, dict[int, int]] = {}
     for pfn, domain_id, level in tx.conn.execute(
@@ -100,7 +102,9 @@ def _domains(tx: Transaction) -> tuple[int, list[str]]:
     ).all()
     problems: list[str] = []
     checked = 0
-    for domain_id, state, boot_id in domains:
+    for done, (domain_id, state, boot_id) in enumerate(domains):
+        if progress is not None:
+            progress(done, len(domains))
         own = frames.pop(domain_id, {})
         wrong_boot = _state_fits_boot(domain_id, state, boot_id, boots)
         if wrong_boot:
@@ -118,14 +122,15 @@ def _domains(tx: Transaction) -> tuple[int, list[str]]:
     return checked, problems
 
 
-def fsck(tx: Transaction) -> FsckReport:
+def fsck(tx: Transaction, progress: Callable[[int, int], None] | None = None) -> FsckReport:
+    """Every invariant of the stored state; ``progress(done, total)`` counts the domains checked."""
     tx.flush()
     conn, mid = tx.conn, tx.machine.id
     problems = [f"stored data is malformed: {p}" for p in malformed_rows(conn, mid)]
     problems += [f"boot history: {p}" for p in boot_history_problems(conn, mid)]
     checked = 0
     if not problems:  # the deeper checks read values the two above vouch for
-        checked, found = _domains(tx)
+        checked, found = _domains(tx, progress)
         problems += found
         problems += liveupdate_problems(conn, mid)
     if conn.dialect.name == "sqlite":

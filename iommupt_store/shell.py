@@ -20,6 +20,7 @@ BANNER = """iommupt-store shell: machine {name!r}, boot {boot}{ended}, opened re
   get_domain(tx, ID).info()      one domain; .walker() for its hardware walker
   hardware_walker(tx, ID)        .translate(IOVA), .leaves(), .tables()
   stored_runs(tx, ID)            the domain's mapping runs (the 'mapping' view)
+  verify_domain(tx, ID[, runs])  every translation checked (runs: ExpectedRun(iova=, phys=, length=))
   fsck(tx)                       the model's invariants
   sql('SELECT ...')              a read-only query, as 'iommupt-store query' runs it
 """
@@ -32,6 +33,7 @@ def namespace(machine: Machine, tx: Any) -> dict[str, Any]:
     from .formats.describe import describe_entry
     from .fsck import fsck
     from .query import run_query
+    from .verify import ExpectedRun, verify_domain
 
     def sql(statement: str) -> list[tuple[Any, ...]]:
         return run_query(machine, statement).rows
@@ -48,6 +50,8 @@ def namespace(machine: Machine, tx: Any) -> dict[str, Any]:
         "mappings": mappings,
         "devices": devices,
         "fsck": fsck,
+        "verify_domain": verify_domain,
+        "ExpectedRun": ExpectedRun,
         "get_format": get_format,
         "describe_entry": describe_entry,
         "sql": sql,

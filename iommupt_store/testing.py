@@ -1,4 +1,4 @@
-"""pytest plugin: live-update tests across real processes, for your own test suite.
+r"""pytest plugin: live-update tests across real processes, for your own test suite.
 
 Installed with iommupt-store and loaded by pytest through the ``pytest11`` entry point, so any project
 that has iommupt-store installed gets these fixtures (``-p no:iommupt_store`` turns the plugin off):
@@ -15,12 +15,15 @@ that has iommupt-store installed gets these fixtures (``-p no:iommupt_store`` tu
 
 A two-process restart test, with the test itself as the kernel of boot 1 and a child as boot 2::
 
-    from iommupt_store.domains import domain_alloc, hardware_walker
+    from iommupt_store.domains import domain_alloc
     from iommupt_store.liveupdate import liveupdate, preserve_domain, restore_domain
+    from iommupt_store.testing import assert_translations
 
     def after_kexec(machine, old_id):          # module level: the child imports it
         with machine.transaction() as tx:
-            return hardware_walker(tx, old_id).translate(0x1234).phys
+            dom = restore_domain(tx, 0x100)
+            report = assert_translations(tx, dom.id, [(0x0, 0x100000000, 2 << 20)])
+            return report.summary.translations
 
     def test_dma_survives(iommupt_machine, iommupt_boot):
         with iommupt_machine.transaction() as tx:
@@ -28,7 +31,15 @@ A two-process restart test, with the test itself as the kernel of boot 1 and a c
             dom.map_range(0x0, 0x100000000, 2 << 20)
             preserve_domain(tx, dom.id, 0x100)
         liveupdate(iommupt_machine)                            # boot 1 ends here
-        assert iommupt_boot.run(after_kexec, dom.id, expect_boot=2) == 0x100001234
+        assert iommupt_boot.run(after_kexec, dom.id, expect_boot=2) == 512
+
+``assert_translations(machine_or_tx, domain_id, runs=None)`` checks every translation of a domain
+(``iommupt_store.verify.verify_domain``, walking its frames as the IOMMU would) against ``runs`` --
+``(iova, phys, length)`` or ``(iova, phys, length, prot)`` tuples, dicts with those keys or
+``ExpectedRun`` objects, in ascending IOVA order; ``prot`` is ``Prot`` bits or letters such as ``"rw"``
+(the default) -- or, without ``runs``, against the mapping runs recorded for the domain. It fails with
+the differing runs listed (missing, unexpected, wrong phys, wrong permissions) and otherwise returns
+the ``VerifyReport``. Given a ``Machine`` it reads in a read-only transaction of its own.
 
 ``iommupt_boot.run(func, *args)`` calls ``func(machine, *args)`` in the child, ``machine`` being attached
 to the current boot there, and returns what ``func`` returned. ``func`` must be a module-level function
@@ -63,16 +74,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
-    from .machine import Machine
+    from .machine import Machine, Transaction
+    from .verify import ExpectedRun, VerifyReport
 
-__all__ = ["MACHINE_NAME", "BootFailed", "BootRunner"]
+__all__ = ["MACHINE_NAME", "BootFailed", "BootRunner", "assert_translations"]
 
 #: the name of the machine the fixtures create
 MACHINE_NAME = "test"
@@ -156,6 +168,52 @@ def iommupt_boot(request: pytest.FixtureRequest, iommupt_db: Path, _iommupt_mach
     """Runs code in new processes on the test's machine: see ``BootRunner``."""
     timeout = float(request.config.getini("iommupt_timeout"))
     return BootRunner(iommupt_db, _iommupt_machine_name, timeout=timeout)
+
+
+# ============================================================================================ checking translations
+
+
+def assert_translations(
+    machine_or_tx: Machine | Transaction,
+    domain_id: int,
+    runs: Iterable[ExpectedRun | Mapping[str, Any] | Sequence[Any]] | None = None,
+    *,
+    max_differences: int = 10,
+) -> VerifyReport:
+    """Every translation of ``domain_id`` must be ``runs`` (or the recorded mapping runs): see the module doc."""
+    from .machine import Machine
+    from .verify import ExpectedRun, verify_domain
+
+    expect = None
+    if runs is not None:
+        expect = []
+        for run in runs:
+            if isinstance(run, ExpectedRun):
+                expect.append(run)
+            elif isinstance(run, Mapping):
+                expect.append(ExpectedRun.model_validate(dict(run)))
+            else:
+                expect.append(ExpectedRun(**dict(zip(("iova", "phys", "length", "prot"), run, strict=False))))
+    if isinstance(machine_or_tx, Machine):
+        with machine_or_tx.transaction(write=False) as tx:
+            report = verify_domain(tx, domain_id, expect, max_differences=max_differences)
+    else:
+        report = verify_domain(machine_or_tx, domain_id, expect, max_differences=max_differences)
+    if not report.ok:
+        lines = [
+            f"domain {domain_id}: {report.differences_total} run(s) translate otherwise than {report.against}:",
+            *(
+                f"  {d.kind} [{d.iova:#x}, +{d.length:#x}): expected "
+                + ("nothing" if d.expected_phys is None else f"{d.expected_phys:#x} {d.expected_prot}")
+                + ", found "
+                + ("nothing" if d.found_phys is None else f"{d.found_phys:#x} {d.found_prot}")
+                for d in report.differences
+            ),
+        ]
+        if report.differences_total > len(report.differences):
+            lines.append(f"  ... and {report.differences_total - len(report.differences)} more")
+        raise AssertionError("\n".join(lines))
+    return report
 
 
 # ============================================================================================ the runner

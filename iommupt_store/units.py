@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from .errors import InvalidArgument
+from .formats.base import Prot
 
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
 U64_MAX = (1 << 64) - 1
@@ -44,3 +45,27 @@ def format_size(n: int) -> str:
         if n >= 1 << shift and n % (1 << shift) == 0:
             return f"{n >> shift}{unit}"
     return f"{n:#x}"
+
+
+#: mapping permissions as letters (``map --prot rw``, ``"prot": "rw"`` in an expectation file)
+PROT_LETTERS = {
+    "r": Prot.READ,
+    "w": Prot.WRITE,
+    "c": Prot.CACHE,
+    "x": 0,  # executable is the default; the letter only says so
+    "n": Prot.NOEXEC,
+    "m": Prot.MMIO,
+    "p": Prot.PRIV,
+}
+
+
+def parse_prot(text: str) -> int:
+    """Permission letters (``rw``, ``rn`` ...) as ``Prot`` bits; InvalidArgument naming unknown letters."""
+    unknown = sorted({ch for ch in text if ch not in PROT_LETTERS})
+    if unknown or not text:
+        shown = ", ".join(repr(ch) for ch in unknown) or "none"
+        raise InvalidArgument(f"unknown permission letter(s) {shown} in {text!r}: use r, w, c, x, n, m, p")
+    prot = 0
+    for ch in text:
+        prot |= PROT_LETTERS[ch]
+    return prot

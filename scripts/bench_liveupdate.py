@@ -6,7 +6,7 @@ Figures (median of --repeat runs, each on a fresh SQLite file):
   raw_preserve         the raw baseline, same process: sqlite3 reads every frame row of the
                        domain and inserts one small row per frame
   restore_verify_free  wall time of a whole new process: open the machine (boot 2), restore,
-                       check every one of the 262,144 translations with the hardware walker, free
+                       check every one of the 262,144 translations (verify_domain), free
 The last two lines are exactly:
   preserve_seal ratio_vs_raw=<float>          (target <= 5)
   restore_verify_free wall_s=<float>          (target <= 1.5 on a 2-core machine)
@@ -33,18 +33,15 @@ TOKEN = 0x51
 CHILD = f"""
 import sys
 from iommupt_store import Store
-from iommupt_store.domains import frame_counts, hardware_walker
+from iommupt_store.domains import frame_counts
 from iommupt_store.liveupdate import restore_domain
+from iommupt_store.verify import ExpectedRun, verify_domain
 machine = Store(sys.argv[1]).machine("bench")
 with machine.transaction() as tx:
     dom = restore_domain(tx, {TOKEN})
-    n = 0
-    for leaf in hardware_walker(tx, dom.id).leaves():
-        if leaf.size != 4096 or leaf.phys != {PA} + leaf.iova:
-            sys.exit(f"bad translation {{leaf}}")
-        n += 1
-    if n != 262144:
-        sys.exit(f"{{n}} translations, expected 262144")
+    report = verify_domain(tx, dom.id, [ExpectedRun(iova=0, phys={PA}, length={GIB})])
+    if not report.ok or report.summary.translations != 262144 or report.summary.leaf_entries != 262144:
+        sys.exit(f"bad translations: {{report}}")
     dom.free()
     if sum(frame_counts(tx).values()):
         sys.exit("frames left after free")

@@ -74,6 +74,8 @@ VALID = {
     "directory": "my-migrations",  # relative, as "image"
     "migrations": "my-migrations",
     "rev_id": "lab01",
+    "expect": "runs.json",
+    "max_differences": "5",
 }
 
 #: bad values by kind of parameter, and the exit code each kind must give

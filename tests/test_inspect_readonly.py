@@ -57,6 +57,8 @@ def inspectors(tmp: Path) -> list[list[str]]:
         ["show", "2", "--json"],
         ["translate", "1", "0x1234"],
         ["translate", "2", "0x1234", "--json"],
+        ["verify", "1"],
+        ["verify", "2", "--json"],
         ["handover"],
         ["handover", "--json"],
         ["sessions"],
@@ -90,7 +92,7 @@ def boots(db: Path) -> list[tuple[int, str | None]]:
 
 def test_inspecting_never_writes(run_cli: RunCli, cli: InvokeCli, db_path: Path, tmp_path: Path) -> None:
     """The states are made by real processes; the inspectors run in this one (they open the store anew
-    each time, as a process would), which keeps the 114 inspections fast."""
+    each time, as a process would), which keeps the 126 inspections fast."""
     for state, steps in STATES:
         for argv in steps:
             r = run_cli(*argv)

@@ -18,8 +18,9 @@ pytest_plugins = ["pytester"]
 EXAMPLE = '''\
 """A live update across real processes: a process exit is the kexec."""
 
-from iommupt_store.domains import domain_alloc, frame_counts, hardware_walker
+from iommupt_store.domains import domain_alloc, frame_counts
 from iommupt_store.liveupdate import liveupdate, preserve_domain, restore_domain
+from iommupt_store.testing import assert_translations
 
 TOKEN = 0x100
 IOVA, PADDR, SIZE = 0x40000000, 0x100000000, 4 << 20
@@ -29,12 +30,12 @@ def boot2(machine, old_id):
     """Boot 2, in a new process: only database rows came across."""
     with machine.transaction() as tx:
         # DMA never stopped: the IOMMU still walks boot 1's tables, under boot 1's domain id
-        assert hardware_walker(tx, old_id).translate(IOVA + 0x1234).phys == PADDR + 0x1234
+        assert_translations(tx, old_id, [(IOVA, PADDR, SIZE, "rw")])
         dom = restore_domain(tx, TOKEN)
-        last = hardware_walker(tx, dom.id).translate(IOVA + SIZE - 1).phys
+        report = assert_translations(tx, dom.id, [(IOVA, PADDR, SIZE, "rw")])  # every 4 KiB page
         dom.free()
         assert frame_counts(tx) == {}
-    return last
+    return report.summary.translations
 
 
 def test_dma_survives_liveupdate(iommupt_machine, iommupt_boot):
@@ -43,7 +44,7 @@ def test_dma_survives_liveupdate(iommupt_machine, iommupt_boot):
         dom.map_range(IOVA, PADDR, SIZE)
         preserve_domain(tx, dom.id, TOKEN)
     liveupdate(iommupt_machine)  # the kexec: boot 1 ends here
-    assert iommupt_boot.run(boot2, dom.id, expect_boot=2) == PADDR + SIZE - 1
+    assert iommupt_boot.run(boot2, dom.id, expect_boot=2) == SIZE // 4096
 
 
 # Both kernels as children, and a crash in the middle of the seal:
@@ -66,7 +67,7 @@ def test_crash_during_seal_then_liveupdate(iommupt_boot):
     old_id = iommupt_boot.run(build)  # boot 1: a child
     iommupt_boot.crash(seal, at="seal")  # SIGKILL inside liveupdate: nothing sealed
     assert iommupt_boot.run(seal, expect_boot=1) == 1  # boot 1 still runs; seal it now
-    assert iommupt_boot.run(boot2, old_id, expect_boot=2) == PADDR + SIZE - 1
+    assert iommupt_boot.run(boot2, old_id, expect_boot=2) == SIZE // 4096
 '''
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -256,3 +257,35 @@ def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", "-p", "no:iommupt_store")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*fixture 'iommupt_db' not found*"])
+
+
+TRANSLATIONS = """\
+import pytest
+
+from iommupt_store.domains import domain_alloc
+from iommupt_store.testing import assert_translations
+
+
+def test_assert_translations(iommupt_machine):
+    with iommupt_machine.transaction() as tx:
+        dom = domain_alloc(tx, "x86_64")
+        dom.map_range(0x0, 0x100000000, 0x4000)
+        dom.map_range(0x200000, 0x200000, 0x1000, 1)
+    report = assert_translations(iommupt_machine, dom.id)  # the recorded runs
+    assert report.summary.translations == 5
+    read_only = {"iova": 0x200000, "phys": 0x200000, "length": 0x1000, "prot": "r"}
+    assert_translations(iommupt_machine, dom.id, [(0x0, 0x100000000, 0x4000), read_only])
+    with pytest.raises(AssertionError) as err:
+        assert_translations(iommupt_machine, dom.id, [(0x0, 0x100000000, 0x8000, "rw")])
+    assert str(err.value).splitlines() == [
+        f"domain {dom.id}: 2 run(s) translate otherwise than the given runs:",
+        "  missing [0x4000, +0x4000): expected 0x100004000 rw, found nothing",
+        "  unexpected [0x200000, +0x1000): expected nothing, found 0x200000 r-",
+    ]
+"""
+
+
+def test_assert_translations(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_translations=TRANSLATIONS)
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)

@@ -14,13 +14,14 @@ import click
 
 from ..errors import EXIT_DATAERR, EXIT_FAILURE, EXIT_SOFTWARE, EXIT_TEMPFAIL, EXIT_USAGE
 from ..store import DEFAULT_MACHINE, ENV_DB
-from . import guard
+from . import guard, render
 from .common import Context, Group
 from .db_cmds import db, fsck, init, status
 from .domain_cmds import COMMANDS as DOMAIN_COMMANDS
 from .inspect_cmds import COMMANDS as INSPECT_COMMANDS
 from .liveupdate_cmds import COMMANDS as LIVEUPDATE_COMMANDS
 from .session_cmds import COMMANDS as SESSION_COMMANDS
+from .verify_cmd import COMMANDS as VERIFY_COMMANDS
 
 EPILOG = f"""\b
 Start with 'iommupt-store demo': a whole live update across two processes.
@@ -35,8 +36,8 @@ Exit codes:
   {EXIT_TEMPFAIL}  the database stayed locked by another process (try again)
 
 \b
-Commands that only look (status, domains, show, translate, handover,
-sessions, devices, device translate, fsck, query, export-image, shell)
+Commands that only look (status, domains, show, translate, verify,
+handover, sessions, devices, device translate, fsck, query, export-image, shell)
 never attach to the machine: they do not start the next boot after a live
 update and write nothing. The others attach to the current boot.
 
@@ -75,9 +76,10 @@ class RootGroup(Group):
     show_default=True,
     help="Machine (host) in the database to act on.",
 )
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or spinners on stderr (shown on a terminal only).")
 @click.version_option(package_name="iommupt-store")
 @click.pass_context
-def cli(ctx: click.Context, db: str | None, machine: str) -> None:
+def cli(ctx: click.Context, db: str | None, machine: str, quiet: bool) -> None:
     """iommupt-store: IOMMU page tables and their live-update preservation, in a database.
 
     A machine's memory, its IOMMU page-table frames (real PTE bytes) and the
@@ -85,6 +87,7 @@ def cli(ctx: click.Context, db: str | None, machine: str) -> None:
     with plain SQL. Each invocation is one process attached to the machine's
     current boot.
     """
+    render.set_quiet(quiet)
     ctx.obj = Context(db=db, machine_name=machine)
 
 
@@ -92,7 +95,7 @@ cli.add_command(init)
 cli.add_command(status)
 cli.add_command(db)
 cli.add_command(fsck)
-for _cmd in DOMAIN_COMMANDS + LIVEUPDATE_COMMANDS + SESSION_COMMANDS + INSPECT_COMMANDS:
+for _cmd in DOMAIN_COMMANDS + LIVEUPDATE_COMMANDS + SESSION_COMMANDS + INSPECT_COMMANDS + VERIFY_COMMANDS:
     cli.add_command(_cmd)
 
 

@@ -9,10 +9,9 @@ from typing import Any
 import click
 
 from ..errors import IommuptError
-from ..formats.base import Prot
 from ..machine import Machine
 from ..store import DEFAULT_MACHINE, Store
-from ..units import I64_MAX, U64_MAX, parse_number
+from ..units import I64_MAX, U64_MAX, parse_number, parse_prot
 from .guard import fail
 from .render import emit_json
 
@@ -109,16 +108,6 @@ INT = Number(U64_MAX)
 #: a row id (SQL BIGINT)
 ID = Number(I64_MAX)
 
-PROT_LETTERS = {
-    "r": Prot.READ,
-    "w": Prot.WRITE,
-    "c": Prot.CACHE,
-    "x": 0,  # executable is the default; the letter only says so
-    "n": Prot.NOEXEC,
-    "m": Prot.MMIO,
-    "p": Prot.PRIV,
-}
-
 
 class ProtParam(click.ParamType):  # type: ignore[type-arg]
     """Mapping permissions as letters: r, w, c (cache), x (executable, the default), n (noexec), m (mmio), p (priv)."""
@@ -128,15 +117,10 @@ class ProtParam(click.ParamType):  # type: ignore[type-arg]
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
             return value
-        text = str(value)
-        unknown = sorted({ch for ch in text if ch not in PROT_LETTERS})
-        if unknown or not text:
-            shown = ", ".join(repr(ch) for ch in unknown) or "none"
-            self.fail(f"unknown permission letter(s) {shown} in {text!r}: use r, w, c, x, n, m, p", param, ctx)
-        prot = 0
-        for ch in text:
-            prot |= PROT_LETTERS[ch]
-        return prot
+        try:
+            return parse_prot(str(value))
+        except IommuptError as e:
+            self.fail(str(e), param, ctx)
 
 
 PROT = ProtParam()

@@ -380,8 +380,8 @@ def fsck(ctx: Context, as_json: bool) -> None:
     from ..errors import EXIT_DATAERR
     from ..fsck import fsck as run_fsck
 
-    with render.progress("checking the stored state"), ctx.observer().transaction(write=False) as tx:
-        report = run_fsck(tx)
+    with render.progress_bar("checking the stored state") as advance, ctx.observer().transaction(write=False) as tx:
+        report = run_fsck(tx, advance)
     if as_json:
         emit_json(report)
     else:

@@ -87,7 +87,7 @@ def create(
 @pass_ctx
 def free(ctx: Context, domain_id: int, as_json: bool) -> None:
     """Free every table frame of DOMAIN_ID (the only thing a restored domain allows)."""
-    with ctx.machine().transaction() as tx:
+    with render.progress(f"freeing domain {domain_id}"), ctx.machine().transaction() as tx:
         n = get_domain(tx, domain_id).free()
     if as_json:
         emit_json({"domain": domain_id, "frames_freed": n})
@@ -118,9 +118,9 @@ def map_cmd(ctx: Context, domain_id: int, iova: int, paddr: int, length: int, pr
       iommupt-store map 1 0x0 0x100000000 1G          # one 1G page
       iommupt-store map 1 0x40000000 0x80001000 2M    # 512 4K pages (paddr only 4K aligned)
     """
-    with ctx.machine().transaction() as tx:
+    with render.progress_bar(f"mapping {_size(length)}") as advance, ctx.machine().transaction() as tx:
         dom = get_domain(tx, domain_id)
-        dom.map_range(iova, paddr, length, prot)
+        dom.map_range(iova, paddr, length, prot, lambda done, total: advance(done >> 12, total >> 12))
         frames = len(dom.pt.collect_tables())
     if as_json:
         emit_json(
@@ -143,7 +143,7 @@ def unmap(ctx: Context, domain_id: int, iova: int, length: int, as_json: bool) -
     removes all 2M), the walk stops at the first hole, and a table is freed
     only when the range covers its whole span.
     """
-    with ctx.machine().transaction() as tx:
+    with render.progress(f"unmapping {_size(length)}"), ctx.machine().transaction() as tx:
         n = get_domain(tx, domain_id).unmap_range(iova, length)
     if as_json:
         emit_json({"domain": domain_id, "iova": f"{iova:#x}", "length": length, "unmapped": n})

@@ -30,7 +30,7 @@ def preserve(ctx: Context, domain_id: int, token: int, session_name: str | None,
     Example:
       iommupt-store preserve 1 --token 0x100 --json
     """
-    with ctx.machine().transaction() as tx:
+    with render.progress(f"preserving domain {domain_id}"), ctx.machine().transaction() as tx:
         if session_name is None:
             desc = preserve_domain(tx, domain_id, token)
         else:
@@ -66,7 +66,8 @@ def liveupdate_cmd(ctx: Context, as_json: bool) -> None:
     command that opens the machine starts the next boot, where only what was
     preserved survives.
     """
-    report = liveupdate(ctx.machine())
+    with render.progress("checking and sealing the handover"):
+        report = liveupdate(ctx.machine())
     if as_json:
         emit_json(report)
     else:
@@ -97,7 +98,7 @@ def reboot(ctx: Context, cold: bool, as_json: bool) -> None:
 @pass_ctx
 def restore(ctx: Context, token: int, as_json: bool) -> None:
     """Restore a domain the previous boot preserved: it comes back immutable (free only)."""
-    with ctx.machine().transaction() as tx:
+    with render.progress(f"restoring token {token:#x}"), ctx.machine().transaction() as tx:
         dom = restore_domain(tx, token)
         info = dom.info()
     if as_json:

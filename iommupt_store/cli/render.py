@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-import time
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -106,9 +106,13 @@ def show(renderable: RenderableType) -> None:
     _console(stderr=False).print(renderable)
 
 
-def progress(message: str) -> Any:
-    """A spinner on stderr while a long step runs (a context manager)."""
-    return _console(stderr=True).status(literal(message), spinner="dots")
+#: set by the root ``--quiet`` option: no spinners or progress bars at all
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
 
 
 #: a long step shows progress only after this long, so quick commands stay quiet
@@ -116,24 +120,31 @@ PROGRESS_AFTER_S = 1.0
 
 
 @contextlib.contextmanager
-def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar on stderr for a step of known size: yields ``advance(done, total)``.
+def progress(message: str) -> Iterator[None]:
+    """A progress bar on stderr while a step of unknown size runs (elapsed time, a pulsing bar)."""
+    with progress_bar(message):
+        yield
 
-    Shown only when stderr is a terminal and the step has run for over a second;
-    it disappears when the step ends, leaving stdout to the result.
+
+@contextlib.contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr for a long step: yields ``advance(done, total)`` for the step to report
+    with (a step that never reports shows a pulsing bar and the time elapsed).
+
+    Shown only when stderr is a terminal, once the step has run for a second (a timer starts it,
+    so a step stuck in one long call shows too), and never with ``--quiet``; it disappears when
+    the step ends, leaving stdout to the result.
     """
     console = _console(stderr=True)
-    if not console.is_terminal:
+    if _quiet or not console.is_terminal:
         yield lambda done, total: None
         return
-    started = time.monotonic()
-    bar: Progress | None = None
-    task: Any = None
+    lock = threading.Lock()
+    state: dict[str, Any] = {"bar": None, "task": None, "done": 0, "total": None, "ended": False}
 
-    def advance(done: int, total: int) -> None:
-        nonlocal bar, task
-        if bar is None:
-            if time.monotonic() - started < PROGRESS_AFTER_S:
+    def start() -> None:
+        with lock:
+            if state["ended"]:
                 return
             bar = Progress(
                 TextColumn(literal(description)),
@@ -144,11 +155,23 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
                 transient=True,
             )
             bar.start()
-            task = bar.add_task("", total=total)
-        bar.update(task, completed=done, total=total)
+            state["task"] = bar.add_task("", total=state["total"], completed=state["done"])
+            state["bar"] = bar
 
+    def advance(done: int, total: int) -> None:
+        with lock:
+            state["done"], state["total"] = done, total
+            if state["bar"] is not None:
+                state["bar"].update(state["task"], completed=done, total=total)
+
+    timer = threading.Timer(PROGRESS_AFTER_S, start)
+    timer.daemon = True
+    timer.start()
     try:
         yield advance
     finally:
-        if bar is not None:
-            bar.stop()
+        timer.cancel()
+        with lock:
+            state["ended"] = True
+            if state["bar"] is not None:
+                state["bar"].stop()

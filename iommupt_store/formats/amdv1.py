@@ -69,6 +69,7 @@ class AmdV1Format(PageTableFormat):
     has_dirty: ClassVar[bool] = True
     dirty_bit: ClassVar[int] = D
     attr_mask: ClassVar[int] = ATTR_MASK
+    oa_mask: ClassVar[int] = OA_FIELD_MASK << OA_SHIFT
 
     # -- configuration -------------------------------------------------------
     def geometry(

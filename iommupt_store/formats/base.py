@@ -13,7 +13,10 @@ little-endian u64 items; sizes are passed as log2 ("lg2").
 from __future__ import annotations
 
 import enum
+import functools
+import sys
 from abc import ABC, abstractmethod
+from array import array
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -86,6 +89,24 @@ class Decoded(NamedTuple):
 EMPTY = Decoded(EntryType.EMPTY)
 
 
+class FrameRun(NamedTuple):
+    """A stretch of one frame's items, as ``PageTableFormat.scan_frame`` finds it.
+
+    A table pointer is one item (``entries`` 1, ``entry_size`` 0). Leaves are
+    ``entries`` leaf entries of ``entry_size`` bytes each, covering ``items``
+    items from ``index``, whose output addresses follow on from ``addr`` and
+    whose non-address bits are those of ``raw`` (the first item).
+    """
+
+    first: int
+    items: int
+    table: bool
+    addr: int
+    entry_size: int
+    entries: int
+    raw: int
+
+
 @dataclass(frozen=True)
 class Geometry:
     """What a format's init decides for one domain (``fmt_init``)."""
@@ -93,6 +114,19 @@ class Geometry:
     top_level: int
     max_vasz_lg2: int
     max_oasz_lg2: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _ramp(count: int, step: int) -> tuple[int, int]:
+    """``count`` little-endian u64 lanes as one integer: a 1 in every lane, and ``j * step`` in lane j."""
+    ones = ((1 << (64 * count)) - 1) // U64_MASK
+    return ones, sum((j * step) << (64 * j) for j in range(count))
+
+
+def _is_ramp(lanes: memoryview, first: int, step: int) -> bool:
+    """Whether the u64 items in ``lanes`` are ``first``, ``first + step``, ... (none overflowing)."""
+    ones, ramp = _ramp(len(lanes) // 8, step)
+    return int.from_bytes(lanes, "little") == first * ones + ramp
 
 
 def item_lg2sz(level: int) -> int:
@@ -124,6 +158,10 @@ class PageTableFormat(ABC):
     dirty_bit: ClassVar[int] = 0
     #: the descriptor bits ``attrs_from_entry`` keeps
     attr_mask: ClassVar[int]
+    #: the entry bits that hold the output address (of a single-item leaf)
+    oa_mask: ClassVar[int]
+    #: where bit 12 of an output address sits in an entry (the address field's shift)
+    oa_raw_shift: ClassVar[int] = GRANULE_LG2
 
     # -- configuration -------------------------------------------------------
     @abstractmethod
@@ -183,6 +221,83 @@ class PageTableFormat(ABC):
     def attrs_from_entry(self, raw: int, level: int) -> int:
         """Recover the descriptor bits ``leaf_attrs`` produced (``attr_from_entry``)."""
         return raw & self.attr_mask
+
+    # -- whole frames -----------------------------------------------------------
+    def scan_frame(self, data: bytes, level: int, n: int = ITEMS_PER_TABLE) -> list[FrameRun]:
+        """The first ``n`` items of the table ``data`` (4 KiB) at ``level`` as the hardware reads
+        them: table pointers one by one and leaves joined into maximal runs (``FrameRun``), in
+        index order.
+
+        Built on ``decode`` (the entry bits alone decide, as in the walker), with one shortcut:
+        single-item leaves whose entries differ only by an address that grows one item at a time
+        are recognised with one comparison of the whole stretch as a big integer, so a full
+        table of 4 KiB pages costs a few integer operations rather than 512 decodes.
+        """
+        items = array("Q")
+        items.frombytes(data)
+        if sys.byteorder != "little":
+            items.byteswap()
+        out: list[FrameRun] = []
+        decode, empty = self.decode, frozenset[Feature]()
+        isz = item_lg2sz(level)
+        step = 1 << (isz - GRANULE_LG2 + self.oa_raw_shift)
+        oa_mask = self.oa_mask
+        view = memoryview(data)
+        i = 0
+        while i < n:
+            raw = items[i]
+            if not raw:
+                i += 1
+                continue
+            d = decode(raw, level, empty)
+            if d.type is EntryType.EMPTY:
+                i += 1
+                continue
+            if d.type is EntryType.TABLE:
+                out.append(FrameRun(i, 1, True, d.addr, 0, 1, raw))
+                i += 1
+                continue
+            if d.contig_lg2:
+                i = self._contig_run(items, level, i, n, d, raw, out)
+                continue
+            # Single-item leaves: how many more could follow before the address field overflows
+            # (none when the decoded address is not the field itself, e.g. a malformed amdv1 item).
+            room = min(n - i, ((oa_mask - (raw & oa_mask)) // step) + 1)
+            if ((raw & oa_mask) >> self.oa_raw_shift) << GRANULE_LG2 != d.addr:
+                room = 1
+            end = i + room
+            if room > 1 and items[end - 1] == raw + (room - 1) * step and _is_ramp(view[8 * i : 8 * end], raw, step):
+                j = end
+            else:
+                j, nxt = i + 1, raw + step
+                while j < end and items[j] == nxt:
+                    j += 1
+                    nxt += step
+            out.append(FrameRun(i, j - i, False, d.addr, 1 << isz, j - i, raw))
+            i = j
+        return out
+
+    def _contig_run(
+        self, items: array[int], level: int, i: int, n: int, d: Decoded, raw: int, out: list[FrameRun]
+    ) -> int:
+        """Contiguous leaves (one entry over 2**contig_lg2 items) from item ``i``, joined while each
+        next entry continues the last; returns the index after them."""
+        span = 1 << d.contig_lg2
+        size = 1 << (item_lg2sz(level) + d.contig_lg2)
+        start = i & ~(span - 1)
+        attrs = raw & ~self.oa_mask
+        addr, entries, j = d.addr, 1, start + span
+        while j < n:
+            nxt = items[j]
+            if nxt & ~self.oa_mask != attrs:
+                break
+            e = self.decode(nxt, level, frozenset())
+            if e.type is not EntryType.OA or e.contig_lg2 != d.contig_lg2 or e.addr != addr + entries * size:
+                break
+            entries += 1
+            j += span
+        out.append(FrameRun(start, j - start, False, addr, size, entries, raw))
+        return j
 
     # -- dirty tracking (one item; the caller covers every item of an entry) ---
     def is_dirty(self, raw: int) -> bool:

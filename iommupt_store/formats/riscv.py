@@ -70,6 +70,8 @@ class RiscvFormat(PageTableFormat):
     max_sw_bit: ClassVar[int | None] = None
     has_dirty: ClassVar[bool] = False
     attr_mask: ClassVar[int] = ATTR_MASK
+    oa_mask: ClassVar[int] = PPN_MASK << PPN_SHIFT
+    oa_raw_shift: ClassVar[int] = PPN_SHIFT
 
     # -- configuration -------------------------------------------------------
     def geometry(

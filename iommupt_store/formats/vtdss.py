@@ -56,6 +56,7 @@ class VtdssFormat(PageTableFormat):
     has_dirty: ClassVar[bool] = True
     dirty_bit: ClassVar[int] = D
     attr_mask: ClassVar[int] = ATTR_MASK
+    oa_mask: ClassVar[int] = ADDR_MASK
 
     # -- configuration -------------------------------------------------------
     def geometry(

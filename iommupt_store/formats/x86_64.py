@@ -59,6 +59,7 @@ class X86_64Format(PageTableFormat):
     max_sw_bit: ClassVar[int | None] = 12
     has_dirty: ClassVar[bool] = False
     attr_mask: ClassVar[int] = ATTR_MASK
+    oa_mask: ClassVar[int] = ADDR_MASK
 
     # -- configuration -------------------------------------------------------
     def geometry(

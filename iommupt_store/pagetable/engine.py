@@ -10,6 +10,7 @@ It works on a ``FrameStore`` and knows nothing about databases.
 
 from __future__ import annotations
 
+import functools
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -263,11 +264,17 @@ class PageTable:
 
     # -- map ----------------------------------------------------------------------
     def map_range(
-        self, iova: int, paddr: int, length: int, prot: int = Prot.READ | Prot.WRITE
+        self,
+        iova: int,
+        paddr: int,
+        length: int,
+        prot: int = Prot.READ | Prot.WRITE,
+        progress: Callable[[int, int], None] | None = None,
     ) -> list[tuple[int, int, int, int]]:
         """Map ``[iova, iova+length)`` to ``paddr`` (``iommu_map`` over ``map_range``).
 
-        Returns what was installed as (iova, paddr, length, page size) segments.
+        Returns what was installed as (iova, paddr, length, page size) segments;
+        ``progress(done, length)`` is called with the bytes mapped after each table filled.
         On failure the part already installed is unmapped again, as the IOMMU
         core does; tables allocated on the way stay (the kernel keeps them too).
         """
@@ -296,8 +303,9 @@ class PageTable:
                 if not size:
                     raise NoSuchAddress(f"the tail of the range at iova {va:#x} is not a whole page")
                 n = pgsz_count(self.pgsize_bitmap, va, last, pa, size)
+                tick = functools.partial(_ahead, progress, mapped, length) if progress else None
                 try:
-                    self._place(va, pa, size, n, attrs)
+                    self._place(va, pa, size, n, attrs, tick)
                 except _PartialMap as e:
                     mapped += e.placed
                     raise e.err from None
@@ -367,7 +375,9 @@ class PageTable:
         self._table_cache[key] = table
         return table
 
-    def _place(self, va: int, pa: int, size_lg2: int, count: int, attrs: int) -> None:
+    def _place(
+        self, va: int, pa: int, size_lg2: int, count: int, attrs: int, placed_bytes: Callable[[int], None] | None = None
+    ) -> None:
         """Install ``count`` leaves of ``2**size_lg2`` from ``va``/``pa``, table by table."""
         fmt = self.fmt
         level = pgsz_lg2_to_level(size_lg2)
@@ -404,6 +414,8 @@ class PageTable:
                 )
             placed += k
             va += k * size
+            if placed_bytes is not None:
+                placed_bytes(placed << size_lg2)
 
     def _clear_for_leaf(self, words: memoryview, lo: int, step: int, level: int) -> None:
         """Make room for one leaf: empty items are fine, a table without any
@@ -547,6 +559,11 @@ class PageTable:
         self.frames.free_tables(tables)
         self._table_cache.clear()
         return len(tables)
+
+
+def _ahead(progress: Callable[[int, int], None], before: int, total: int, placed: int) -> None:
+    """``progress`` for a segment that starts ``before`` bytes into a map of ``total``."""
+    progress(before + placed, total)
 
 
 def range_vasz(fmt: PageTableFormat, top_level: int, max_vasz: int, features: Features) -> int:
