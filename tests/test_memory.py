@@ -177,7 +177,7 @@ def test_enomem_for_an_order_that_no_longer_fits(small_machine: Machine) -> None
 
 
 def test_allocator_alone() -> None:
-    a = Allocator(FIRST_PFN + 16, [(FIRST_PFN, 0), (FIRST_PFN + 2, 1)])
+    a = Allocator.over(FIRST_PFN + 16, [(FIRST_PFN, 0), (FIRST_PFN + 2, 1)])
     assert a.alloc(0) == FIRST_PFN + 1
     assert a.alloc(2) == FIRST_PFN + 4
     assert a.alloc(3) == FIRST_PFN + 8
