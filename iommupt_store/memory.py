@@ -70,6 +70,8 @@ class _CachedPage:
     freed: bool = False
     contents_dirty: bool = False
     meta_dirty: set[str] = field(default_factory=set)
+    #: the undoable call that last changed (or read) the page; see ``Memory.start_undo_log``
+    call: int = 0
 
 
 class Allocator:
@@ -165,46 +167,48 @@ class Memory:
         self._cache: dict[int, _CachedPage] = {}
         self.cache_pages = CACHE_PAGES
         self._allocator: Allocator | None = None
-        #: pages that differ from the database when the current call started (None: no call)
-        self._unsaved_at_start: set[int] | None = None
-        #: their copies as they were, taken when the call first changes them
+        #: the undoable call in progress (0: none) and the last one started
+        self._call = self._calls = 0
+        #: copies of the pages the call changed that differed from the database before it
         self._undo: dict[int, _CachedPage] = {}
 
     # -- undo log: one API call all or nothing, without flushing before it -------------
     def start_undo_log(self) -> None:
         """From now on, be able to put every page back as it is now (see ``undo``).
 
-        The savepoint restores the rows; only pages this transaction changed and
-        has not written yet need a copy, so the log stays as small as the cache
-        however many pages the call touches.
+        The savepoint restores the rows, so a page the call changes needs a copy
+        only if this transaction had changed it without writing it yet: the log
+        stays as small as the cache however many pages the call touches. Every
+        page the call changes or reads is marked with the call's number.
         """
-        self._unsaved_at_start = {pfn for pfn, page in self._cache.items() if _unsaved(page)}
+        self._calls += 1
+        self._call = self._calls
         self._undo = {}
 
     def drop_undo_log(self) -> None:
-        self._unsaved_at_start = None
+        self._call = 0
         self._undo = {}
 
     def undo(self) -> None:
         """Put every page back as it was at ``start_undo_log`` (the database is rolled back alongside)."""
-        keep = self._unsaved_at_start or set()
-        for pfn in list(self._cache):
-            if pfn not in keep or pfn in self._undo:
-                del self._cache[pfn]  # reloaded from the rolled-back database when next needed
+        for pfn in [p for p, page in self._cache.items() if page.call == self._call]:
+            del self._cache[pfn]  # reloaded from the rolled-back database when next needed
         self._cache.update(self._undo)
         self.drop_undo_log()
         self._allocator = None  # rebuilt from the database and the cache as they are now
 
     def _save(self, pfn: int) -> None:
-        if self._unsaved_at_start is None or pfn not in self._unsaved_at_start or pfn in self._undo:
+        page = self._cache.get(pfn)
+        if not self._call or page is None or page.call == self._call:
             return
-        page = self._cache[pfn]
-        self._undo[pfn] = replace(
-            page,
-            meta=dict(page.meta),
-            contents=None if page.contents is None else bytearray(page.contents),
-            meta_dirty=set(page.meta_dirty),
-        )
+        if _unsaved(page):
+            self._undo[pfn] = replace(
+                page,
+                meta=dict(page.meta),
+                contents=None if page.contents is None else bytearray(page.contents),
+                meta_dirty=set(page.meta_dirty),
+            )
+        page.call = self._call
 
     # -- allocation ------------------------------------------------------------
     @property
@@ -251,6 +255,7 @@ class Memory:
             contents=bytearray(PAGE_SIZE << order),
             in_db=old is not None and old.in_db,  # a block freed and re-used in one transaction
             contents_dirty=True,
+            call=self._call,
         )
         if page.in_db:
             page.meta_dirty = set(page.meta) | {"page_order"}
@@ -286,6 +291,26 @@ class Memory:
         for i in range(0, len(wanted), _CHUNK):
             self._fetch(_PAGES.c.pfn.in_(wanted[i : i + _CHUNK]))
 
+    def block_orders(self, pfns: Iterable[int]) -> dict[int, int]:
+        """The order of each allocated block among ``pfns`` (others are left out), read without
+        the pages' bytes."""
+        out: dict[int, int] = {}
+        unknown = []
+        for pfn in pfns:
+            page = self._cache.get(pfn)
+            if page is None:
+                unknown.append(pfn)
+            elif not page.freed:
+                out[pfn] = page.order
+        for i in range(0, len(unknown), _CHUNK):
+            rows = self.conn.execute(
+                select(_PAGES.c.pfn, _PAGES.c.page_order).where(
+                    _PAGES.c.machine_id == self.machine_id, _PAGES.c.pfn.in_(unknown[i : i + _CHUNK])
+                )
+            )
+            out.update({pfn: order for pfn, order in rows})
+        return out
+
     def batches(self, pfns: Iterable[int], size: int = _CHUNK) -> Iterator[list[int]]:
         """``pfns`` in lists of ``size``, each brought into the cache (one query) just before it
         is handed out: a pass over many pages holds only one batch of them."""
@@ -310,8 +335,9 @@ class Memory:
         found = []
         for pfn, order, contents, *meta in rows:
             found.append(pfn)
+            # read during a call: it may hold what the call wrote early, so an undo drops it
             self._cache[pfn] = _CachedPage(
-                order=order, meta=dict(zip(names, meta, strict=True)), contents=bytearray(contents)
+                order=order, meta=dict(zip(names, meta, strict=True)), contents=bytearray(contents), call=self._call
             )
         self._trim()
         return found
@@ -457,7 +483,7 @@ class Memory:
         """Drop every cached page (the transaction is over)."""
         self._cache = {}
         self._undo = {}
-        self._unsaved_at_start = None
+        self._call = 0
         self._allocator = None
 
 

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 GIB = 1 << 30
@@ -118,30 +121,36 @@ def child(code: str, *args: str) -> dict[str, float]:
     return result
 
 
-def fresh_url(d: Path, base: str | None) -> str:
-    if base is None:
-        return str(d / "bench.db")
-    from sqlalchemy import create_engine, text
+@contextmanager
+def fresh_url(d: Path, server: str | None) -> Iterator[str]:
+    """A new SQLite file, or a new database on the PostgreSQL server (dropped afterwards)."""
+    if server is None:
+        yield str(d / "bench.db")
+        return
+    from sqlalchemy import create_engine, make_url
 
-    engine = create_engine(base, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    engine.dispose()
-    return base
+    name = f"iommupt_bench_memory_{os.getpid()}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield make_url(server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
+        admin.dispose()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,4,16", help="domain sizes in GiB, comma-separated")
     ap.add_argument("--chunked", action="store_true", help="also map in 1 GiB transactions and compare")
-    ap.add_argument("--url", help="a PostgreSQL URL whose public schema may be dropped (default: SQLite)")
+    ap.add_argument("--url", help="a PostgreSQL server URL: each run makes its own database there (default: SQLite)")
     args = ap.parse_args()
     p1, p2 = PHASE1.format(pa=PA, token=TOKEN), PHASE2.format(pa=PA, token=TOKEN)
     print(f"{'size':>6} {'frames':>8} {'phase1 us/frame':>16} {'rss MiB':>8} {'phase2 us/frame':>16} {'rss MiB':>8}")
     for size in [int(s) for s in args.sizes.split(",")]:
-        with tempfile.TemporaryDirectory() as d:
-            url = fresh_url(Path(d), args.url)
+        with tempfile.TemporaryDirectory() as d, fresh_url(Path(d), args.url) as url:
             one = child(p1, url, str(size), "0", "full")
             two = child(p2, url, str(size))
         frames = one["frames"]
@@ -152,10 +161,10 @@ def main() -> None:
             f"peak_rss_mib={max(one['rss'], two['rss'])}"
         )
         if args.chunked:
-            with tempfile.TemporaryDirectory() as d:
-                whole = child(p1, fresh_url(Path(d), args.url), str(size), "0", "map")
-            with tempfile.TemporaryDirectory() as d:
-                parts = child(p1, fresh_url(Path(d), args.url), str(size), "1", "map")
+            with tempfile.TemporaryDirectory() as d, fresh_url(Path(d), args.url) as url:
+                whole = child(p1, url, str(size), "0", "map")
+            with tempfile.TemporaryDirectory() as d, fresh_url(Path(d), args.url) as url:
+                parts = child(p1, url, str(size), "1", "map")
             print(
                 f"map_{size}GiB one_call_s={whole['map_s']:.2f} chunked_s={parts['map_s']:.2f} "
                 f"rss_mib={whole['rss']}/{parts['rss']} chunked_ratio={parts['map_s'] / whole['map_s']:.2f}"
