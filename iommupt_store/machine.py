@@ -181,6 +181,7 @@ class Machine:
                 for hook in BOOT_START_HOOKS:
                     hook(tx, last.number, str(last.end_kind))
                 tx.flush()
+                tx.close()
             crashpoint("boot_start")
             return machine
 
