@@ -20,15 +20,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
     Connection,
     Table,
     bindparam,
-    cast,
     delete,
     func,
     insert,
-    literal,
     or_,
     select,
     update,
@@ -229,17 +226,23 @@ class Memory:
         if first is None:
             return [(pos, self.npages)], self.npages
         gaps = [(pos, first)] if first > pos else []
-        end = (_PAGES.c.pfn + cast(literal(1), BigInteger).op("<<")(_PAGES.c.page_order)).label("e")
+        # the key alone (an index-only scan) finds the blocks not followed at once by another:
+        # each ends before a hole or is larger than a page; only their orders are read
         nxt = func.lead(_PAGES.c.pfn).over(order_by=_PAGES.c.pfn).label("nxt")
-        blocks = select(end, nxt).where(mine, _PAGES.c.pfn >= pos).subquery()
+        steps = select(_PAGES.c.pfn, nxt).where(mine, _PAGES.c.pfn >= pos).subquery()
         rows = self.conn.execute(
-            select(blocks.c.e, blocks.c.nxt)
-            .where(or_(blocks.c.nxt.is_(None), blocks.c.nxt > blocks.c.e))
-            .order_by(blocks.c.e)
+            select(steps.c.pfn, steps.c.nxt)
+            .where(or_(steps.c.nxt.is_(None), steps.c.nxt > steps.c.pfn + 1))
+            .order_by(steps.c.pfn)
             .limit(_GAPS)
         ).all()
-        gaps += [(e, self.npages if n is None else n) for e, n in rows]
-        return gaps, gaps[-1][1] if rows and rows[-1][1] is not None else self.npages
+        orders = self.block_orders([pfn for pfn, _ in rows])
+        for pfn, n in rows:
+            end = pfn + (1 << orders[pfn])
+            if n is None or n > end:
+                gaps.append((end, self.npages if n is None else n))
+        # every hole up to the last block listed is known
+        return gaps, rows[-1][1] if rows[-1][1] is not None else self.npages
 
     def alloc(self, owner: str, order: int = 0, **meta: Any) -> int:
         """Allocate a zeroed block of ``2**order`` pages; returns its first PFN."""
