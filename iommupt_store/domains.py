@@ -9,11 +9,11 @@ only ``free``), ``freed``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, or_, select, update
 
 from . import mappings
 from .db.models import Boot, Device, Page
@@ -29,6 +29,10 @@ from .pagetable.walker import HardwareWalker
 from .reports import DomainInfo
 
 OWNER = "iommupt"
+#: table frames read in one query when a walk or a free goes through many of them
+FETCH_BATCH = 512
+#: frames a hardware walker holds at most (a larger domain is read as the walk goes)
+WALK_FRAMES = 4096
 
 #: what ``domain create FORMAT`` gets without options: the common hardware setups. Given only one
 #: of ``top_level`` and ``vasz``, a format with a fixed top derives the other (see ``domain_alloc``).
@@ -61,8 +65,15 @@ class MemoryFrames:
         return self.memory.alloc(OWNER, domain_id=self.domain_id, level=level, incoherent=self.incoherent) << PAGE_SHIFT
 
     def free_tables(self, tables: Iterable[int]) -> None:
-        for phys in tables:
-            self.memory.free(self._pfn(phys))
+        tables = list(tables)
+        for i in range(0, len(tables), FETCH_BATCH):
+            batch = tables[i : i + FETCH_BATCH]
+            self.prefetch(batch)
+            for phys in batch:
+                self.memory.free(self._pfn(phys))
+
+    def prefetch(self, tables: Iterable[int]) -> None:
+        self.memory.load([phys >> PAGE_SHIFT for phys in tables])
 
     def read(self, phys: int) -> memoryview:
         return self.memory.words(self._pfn(phys))
@@ -345,9 +356,18 @@ def get_domain(tx: Transaction, domain_id: int) -> Domain:
         raise NotFound(f"no domain {domain_id} on machine {tx.machine.name!r}")
     pt = None
     if row["state"] != "freed":
-        for pfn in tx.memory.load_matching(domain_id=domain_id):
-            if tx.memory.order(pfn) != 0 or len(tx.memory.view(pfn)) != PAGE_SIZE:
-                raise BadData(f"page row (pfn {pfn:#x}) of domain {domain_id}: a table frame is not one whole page")
+        # checked in SQL: the frames themselves are read only when a walk reaches them
+        bad = tx.conn.execute(
+            select(Page.pfn)
+            .where(
+                Page.machine_id == tx.machine.id,
+                Page.domain_id == domain_id,
+                or_(Page.page_order != 0, func.length(Page.contents) != PAGE_SIZE),
+            )
+            .limit(1)
+        ).scalar()
+        if bad is not None:
+            raise BadData(f"page row (pfn {bad:#x}) of domain {domain_id}: a table frame is not one whole page")
         pt = page_table_from_row(tx, row)
     dom = Domain(tx, dict(row), pt)
     domains[domain_id] = dom
@@ -419,6 +439,54 @@ def frame_bytes(pfn: int, order: int, contents: bytes) -> bytes:
     return bytes(contents)
 
 
+class StoredFrames(Mapping[int, bytes]):
+    """A domain's frames as the database holds them, by physical address, read on demand.
+
+    Frames come in batches (``prefetch``: the walker names a table's children
+    before it visits them) and at most ``WALK_FRAMES`` are kept, so a walk of any
+    size holds a bounded number. Valid while its transaction lasts.
+    """
+
+    def __init__(self, tx: Transaction, domain_id: int) -> None:
+        self.tx = tx
+        self.domain_id = domain_id
+        self._held: dict[int, bytes | None] = {}
+
+    def _where(self) -> list[Any]:
+        return [Page.machine_id == self.tx.machine.id, Page.domain_id == self.domain_id]
+
+    def prefetch(self, tables: Iterable[int]) -> None:
+        wanted = [phys for phys in tables if phys not in self._held and not phys & (PAGE_SIZE - 1)]
+        for i in range(0, len(wanted), FETCH_BATCH):
+            batch = wanted[i : i + FETCH_BATCH]
+            if len(self._held) + len(batch) > WALK_FRAMES:
+                for phys in list(self._held)[: len(self._held) // 2]:
+                    del self._held[phys]
+            self._held.update(dict.fromkeys(batch))  # None: not a frame of the domain
+            rows = self.tx.conn.execute(
+                select(Page.pfn, Page.page_order, Page.contents).where(
+                    *self._where(), Page.pfn.in_([phys >> PAGE_SHIFT for phys in batch])
+                )
+            ).all()
+            for pfn, order, contents in rows:
+                self._held[pfn << PAGE_SHIFT] = frame_bytes(pfn, order, contents)
+
+    def __getitem__(self, phys: int) -> bytes:
+        if phys not in self._held:
+            self.prefetch([phys])
+        data = self._held.get(phys)
+        if data is None:
+            raise KeyError(phys)
+        return data
+
+    def __iter__(self) -> Iterator[int]:
+        pfns = self.tx.conn.execute(select(Page.pfn).where(*self._where()).order_by(Page.pfn)).scalars()
+        return (pfn << PAGE_SHIFT for pfn in pfns)
+
+    def __len__(self) -> int:
+        return int(self.tx.conn.execute(select(func.count()).select_from(Page).where(*self._where())).scalar_one())
+
+
 def walkable_row(tx: Transaction, domain_id: int) -> Any:
     """The row of a domain that has tables to walk, as stored (this transaction's changes are
     flushed first); NotFound for an unknown or freed domain."""
@@ -440,16 +508,31 @@ def walkable_row(tx: Transaction, domain_id: int) -> Any:
 @reads_stored_rows
 def hardware_walker(tx: Transaction, domain_id: int) -> HardwareWalker:
     """A walker that sees only what the database holds for the domain: its row
-    and its frames' bytes (this transaction's changes are flushed first)."""
+    and its frames' bytes (this transaction's changes are flushed first).
+
+    A domain of up to ``WALK_FRAMES`` frames is read at once (the walker keeps
+    that snapshot); a larger one is read in batches as the walk goes, so that
+    walking it holds a bounded number of frames.
+    """
     row = walkable_row(tx, domain_id)
     fmt, features, vasz = stored_geometry(row)
-    frames: dict[int, bytes] = {}
-    for pfn, order, contents in tx.conn.execute(
-        select(Page.pfn, Page.page_order, Page.contents).where(
-            Page.machine_id == tx.machine.id, Page.domain_id == domain_id
-        )
-    ):
-        frames[pfn << PAGE_SHIFT] = frame_bytes(pfn, order, contents)
+    mine = [Page.machine_id == tx.machine.id, Page.domain_id == domain_id]
+    count = tx.conn.execute(select(func.count()).select_from(Page).where(*mine)).scalar_one()
+    frames: Mapping[int, bytes]
+    if count > WALK_FRAMES:
+        bad = tx.conn.execute(
+            select(Page.pfn, Page.page_order, Page.contents)
+            .where(*mine, or_(Page.page_order != 0, func.length(Page.contents) != PAGE_SIZE))
+            .limit(1)
+        ).first()
+        if bad is not None:
+            frame_bytes(*bad)  # raises, naming the row
+        frames = StoredFrames(tx, domain_id)
+    else:
+        frames = {
+            pfn << PAGE_SHIFT: frame_bytes(pfn, order, contents)
+            for pfn, order, contents in tx.conn.execute(select(Page.pfn, Page.page_order, Page.contents).where(*mine))
+        }
     sign_extend = fmt.effective(Feature.SIGN_EXTEND, features)
     return HardwareWalker(
         fmt, frames, top_phys=row["top_phys"], top_level=row["top_level"], vasz=vasz, sign_extend=sign_extend

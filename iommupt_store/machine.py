@@ -68,6 +68,15 @@ class Transaction:
         self._write_rows()
         self.memory.flush()
 
+    def close(self) -> None:
+        """Let go of everything cached, at once: the callbacks refer back to this transaction,
+        so without this its pages would wait for the garbage collector."""
+        self.before_flush.clear()
+        self.after_commit.clear()
+        self.after_rollback.clear()
+        self.cache.clear()
+        self.memory.release()
+
     def _write_rows(self) -> None:
         for fn in self.before_flush:
             fn()
@@ -172,6 +181,7 @@ class Machine:
                 for hook in BOOT_START_HOOKS:
                     hook(tx, last.number, str(last.end_kind))
                 tx.flush()
+                tx.close()
             crashpoint("boot_start")
             return machine
 
@@ -224,17 +234,24 @@ class Machine:
                 else:
                     self._check_current(conn)
                 tx = Transaction(self, conn)
-                yield tx
-                if write:
-                    tx.flush()
-                    crashpoint("before_commit")
-                else:
-                    dbtx.rollback()
+                try:
+                    yield tx
+                    if write:
+                        tx.flush()
+                        crashpoint("before_commit")
+                    else:
+                        dbtx.rollback()
+                except BaseException:
+                    tx.close()
+                    raise
             if self.read_only and conn.dialect.name == "sqlite":
                 conn.exec_driver_sql("PRAGMA query_only = OFF")  # a pooled (in-memory) connection lives on
                 conn.rollback()
-            for fn in tx.after_commit:
-                fn()
+            try:
+                for fn in tx.after_commit:
+                    fn()
+            finally:
+                tx.close()
 
     def end_boot(self, tx: Transaction, kind: str) -> None:
         """Mark the current boot ended; this object refuses everything afterwards."""

@@ -121,7 +121,8 @@ def coalesce(runs: Iterable[Run]) -> Iterator[Run]:
 def walker_runs(walker: HardwareWalker) -> list[Run]:
     """The maximal runs the hardware walker finds in a domain's frames."""
     fmt = walker.fmt
-    entries = sorted(walker.leaf_entries())
+    # the walk yields leaves in ascending IOVA order, one at a time: only the runs are held
+    entries = walker.iter_leaf_entries()
     return list(coalesce(leaf_run(fmt, iova, phys, size, size, raw) for iova, phys, size, _lvl, raw in entries))
 
 

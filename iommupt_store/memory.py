@@ -13,13 +13,23 @@ the same stored state gives the same PFNs.
 
 from __future__ import annotations
 
-import heapq
+import bisect
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, delete, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Table,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 
 from .db.models import Page
 from .errors import InvalidArgument, NotFound, OutOfMemory
@@ -34,6 +44,10 @@ _PAGES: Table = Page.__table__  # type: ignore[assignment]
 _META_COLS = [c for c in _PAGES.c if c.name not in ("machine_id", "pfn", "page_order", "contents")]
 _NATIVE_LE = sys.byteorder == "little"
 _CHUNK = 500
+#: pages a transaction keeps in memory before it writes changed ones and drops unchanged ones
+CACHE_PAGES = 4096
+#: free extents read per allocator window
+_GAPS = 256
 #: page columns that callers may set through ``alloc(**meta)`` / ``set_meta``
 _META_COLUMNS = frozenset(c.name for c in _PAGES.c) - {"machine_id", "pfn", "page_order", "contents"}
 
@@ -53,61 +67,89 @@ class _CachedPage:
     freed: bool = False
     contents_dirty: bool = False
     meta_dirty: set[str] = field(default_factory=set)
+    #: the undoable call that last changed (or read) the page; see ``Memory.start_undo_log``
+    call: int = 0
 
 
 class Allocator:
-    """Lowest-first allocator over the set of allocated blocks."""
+    """Lowest-first allocator that reads free space from the database a window at a time.
 
-    def __init__(self, npages: int, allocated: Iterable[tuple[int, int]]) -> None:
+    ``[FIRST_PFN, hi)`` is known exactly as a sorted list of free extents: the
+    gaps the database showed when the window was read, with this transaction's
+    allocations and frees applied since. A request the window cannot serve
+    extends it with the next gaps (``fetch_gaps``, after a flush so that the
+    database shows this transaction's frees). No page number that is allocated
+    is ever held, only the holes between them.
+    """
+
+    def __init__(self, npages: int, fetch_gaps: Callable[[int], tuple[list[tuple[int, int]], int]]) -> None:
         self.npages = npages
-        self.covered: set[int] = set()
-        self.top = FIRST_PFN
-        for pfn, order in allocated:
-            self.covered.update(range(pfn, pfn + (1 << order)))
-            self.top = max(self.top, pfn + (1 << order))
-        # every free pfn below ``top``; stale entries are skipped when popped
-        self.holes = [p for p in range(FIRST_PFN, self.top) if p not in self.covered]
-        heapq.heapify(self.holes)
+        self._fetch_gaps = fetch_gaps
+        self.hi = FIRST_PFN
+        self.extents: list[list[int]] = []  # [start, end) free, ascending, never touching
+
+    @classmethod
+    def over(cls, npages: int, allocated: Iterable[tuple[int, int]]) -> Allocator:
+        """An allocator over a known list of allocated ``(pfn, order)`` blocks (no database)."""
+        blocks = sorted(allocated)
+
+        def gaps(pos: int) -> tuple[list[tuple[int, int]], int]:
+            out, at = [], pos
+            for pfn, order in blocks:
+                if pfn >= at:
+                    out.append((at, pfn))
+                at = max(at, pfn + (1 << order))
+            return [*out, (at, npages)], npages
+
+        return cls(npages, gaps)
 
     def alloc(self, order: int) -> int:
         size = 1 << order
-        if order == 0:
-            while self.holes:
-                pfn = heapq.heappop(self.holes)
-                if pfn not in self.covered:
-                    self.covered.add(pfn)
-                    return pfn
-            return self._take_top(self.top, 1)
-        start = self._first_fit(size)
-        self.covered.update(range(start, start + size))
-        return start
+        while True:
+            for idx, ext in enumerate(self.extents):
+                start = (ext[0] + size - 1) & ~(size - 1)
+                if start + size <= ext[1]:
+                    self._carve(idx, start, size)
+                    return start
+            if self.hi >= self.npages:
+                raise OutOfMemory(
+                    f"machine memory exhausted: no free block of {size} page(s) "
+                    f"({self.npages * PAGE_SIZE >> 20} MiB machine)"
+                )
+            self._extend()
 
-    def _first_fit(self, size: int) -> int:
-        cand = (FIRST_PFN + size - 1) & ~(size - 1)
-        while cand < self.top:
-            clash = next((p for p in range(cand, min(cand + size, self.top)) if p in self.covered), None)
-            if clash is None:
-                return cand if cand + size <= self.top else self._take_top(cand, size)
-            cand = (clash + size) & ~(size - 1)
-        return self._take_top(cand, size)
+    def _carve(self, idx: int, start: int, size: int) -> None:
+        a, b = self.extents[idx]
+        parts = [[a, start]] if a < start else []
+        if start + size < b:
+            parts.append([start + size, b])
+        self.extents[idx : idx + 1] = parts
 
-    def _take_top(self, start: int, size: int) -> int:
-        if start + size > self.npages:
-            raise OutOfMemory(
-                f"machine memory exhausted: no free block of {size} page(s) "
-                f"({self.npages * PAGE_SIZE >> 20} MiB machine)"
-            )
-        for p in range(self.top, start):
-            heapq.heappush(self.holes, p)
-        self.top = max(self.top, start + size)
-        if size == 1:
-            self.covered.add(start)
-        return start
+    def _extend(self) -> None:
+        gaps, hi = self._fetch_gaps(self.hi)
+        for a, b in gaps:
+            self._add(a, min(b, self.npages))
+        self.hi = max(hi, self.hi)
+
+    def _add(self, a: int, b: int) -> None:
+        if a >= b:
+            return
+        ext = self.extents
+        idx = bisect.bisect_left(ext, [a, b])
+        if idx and ext[idx - 1][1] >= a:  # joins (or overlaps) the extent before
+            idx -= 1
+            a = ext[idx][0]
+            b = max(b, ext[idx][1])
+            del ext[idx]
+        while idx < len(ext) and ext[idx][0] <= b:  # joins the extents after
+            b = max(b, ext[idx][1])
+            del ext[idx]
+        ext.insert(idx, [a, b])
 
     def free(self, pfn: int, order: int) -> None:
-        for p in range(pfn, pfn + (1 << order)):
-            self.covered.discard(p)
-            heapq.heappush(self.holes, p)
+        # above the window the database will show it after the flush that precedes a window read
+        if pfn < self.hi:
+            self._add(pfn, min(pfn + (1 << order), self.hi))
 
 
 class Memory:
@@ -118,60 +160,89 @@ class Memory:
         self.machine_id = machine_id
         self.boot_id = boot_id
         self.npages = npages
+        #: pages in use, oldest first; held to ``cache_pages`` by flushing and evicting (``_trim``)
         self._cache: dict[int, _CachedPage] = {}
+        self.cache_pages = CACHE_PAGES
         self._allocator: Allocator | None = None
-        #: pfn -> the page as it was before the current call first changed it (None: not cached)
-        self._undo: dict[int, _CachedPage | None] | None = None
+        #: the undoable call in progress (0: none) and the last one started
+        self._call = self._calls = 0
+        #: copies of the pages the call changed that differed from the database before it
+        self._undo: dict[int, _CachedPage] = {}
 
     # -- undo log: one API call all or nothing, without flushing before it -------------
     def start_undo_log(self) -> None:
-        """From now on, remember each page as it was before it is first changed (see ``undo``)."""
+        """From now on, be able to put every page back as it is now (see ``undo``).
+
+        The savepoint restores the rows, so a page the call changes needs a copy
+        only if this transaction had changed it without writing it yet: the log
+        stays as small as the cache however many pages the call touches. Every
+        page the call changes or reads is marked with the call's number.
+        """
+        self._calls += 1
+        self._call = self._calls
         self._undo = {}
 
     def drop_undo_log(self) -> None:
-        self._undo = None
+        self._call = 0
+        self._undo = {}
 
     def undo(self) -> None:
         """Put every page back as it was at ``start_undo_log`` (the database is rolled back alongside)."""
-        for pfn, before in (self._undo or {}).items():
-            if before is None:
-                self._cache.pop(pfn, None)
-            else:
-                self._cache[pfn] = before
-        self._undo = None
+        for pfn in [p for p, page in self._cache.items() if page.call == self._call]:
+            del self._cache[pfn]  # reloaded from the rolled-back database when next needed
+        self._cache.update(self._undo)
+        self.drop_undo_log()
         self._allocator = None  # rebuilt from the database and the cache as they are now
 
     def _save(self, pfn: int) -> None:
-        if self._undo is None or pfn in self._undo:
-            return
         page = self._cache.get(pfn)
-        self._undo[pfn] = (
-            None
-            if page is None
-            else replace(
+        if not self._call or page is None or page.call == self._call:
+            return
+        if _unsaved(page):
+            self._undo[pfn] = replace(
                 page,
                 meta=dict(page.meta),
                 contents=None if page.contents is None else bytearray(page.contents),
                 meta_dirty=set(page.meta_dirty),
             )
-        )
+        page.call = self._call
 
     # -- allocation ------------------------------------------------------------
     @property
     def allocator(self) -> Allocator:
         if self._allocator is None:
-            rows = self.conn.execute(
-                select(_PAGES.c.pfn, _PAGES.c.page_order).where(_PAGES.c.machine_id == self.machine_id)
-            )
-            allocated = {pfn: order for pfn, order in rows}
-            # reflect this transaction's own changes on top of what is stored
-            for pfn, page in self._cache.items():
-                if page.freed:
-                    allocated.pop(pfn, None)
-                else:
-                    allocated[pfn] = page.order
-            self._allocator = Allocator(self.npages, allocated.items())
+            self._allocator = Allocator(self.npages, self._free_gaps)
         return self._allocator
+
+    def _free_gaps(self, pos: int) -> tuple[list[tuple[int, int]], int]:
+        """Up to ``_GAPS`` free extents from ``pos`` (free or a block's start) as the database
+        holds them, and where the stretch they describe exactly ends."""
+        if any(_unsaved(page) for page in self._cache.values()):
+            self.flush()  # the database must show this transaction's own allocations and frees
+        mine = _PAGES.c.machine_id == self.machine_id
+        first = self.conn.execute(
+            select(_PAGES.c.pfn).where(mine, _PAGES.c.pfn >= pos).order_by(_PAGES.c.pfn).limit(1)
+        ).scalar()
+        if first is None:
+            return [(pos, self.npages)], self.npages
+        gaps = [(pos, first)] if first > pos else []
+        # the key alone (an index-only scan) finds the blocks not followed at once by another:
+        # each ends before a hole or is larger than a page; only their orders are read
+        nxt = func.lead(_PAGES.c.pfn).over(order_by=_PAGES.c.pfn).label("nxt")
+        steps = select(_PAGES.c.pfn, nxt).where(mine, _PAGES.c.pfn >= pos).subquery()
+        rows = self.conn.execute(
+            select(steps.c.pfn, steps.c.nxt)
+            .where(or_(steps.c.nxt.is_(None), steps.c.nxt > steps.c.pfn + 1))
+            .order_by(steps.c.pfn)
+            .limit(_GAPS)
+        ).all()
+        orders = self.block_orders([pfn for pfn, _ in rows])
+        for pfn, n in rows:
+            end = pfn + (1 << orders[pfn])
+            if n is None or n > end:
+                gaps.append((end, self.npages if n is None else n))
+        # every hole up to the last block listed is known
+        return gaps, rows[-1][1] if rows[-1][1] is not None else self.npages
 
     def alloc(self, owner: str, order: int = 0, **meta: Any) -> int:
         """Allocate a zeroed block of ``2**order`` pages; returns its first PFN."""
@@ -187,10 +258,12 @@ class Memory:
             contents=bytearray(PAGE_SIZE << order),
             in_db=old is not None and old.in_db,  # a block freed and re-used in one transaction
             contents_dirty=True,
+            call=self._call,
         )
         if page.in_db:
             page.meta_dirty = set(page.meta) | {"page_order"}
         self._cache[pfn] = page
+        self._trim()
         return pfn
 
     def free(self, pfn: int) -> None:
@@ -211,17 +284,51 @@ class Memory:
 
     def load(self, pfns: Iterable[int]) -> None:
         """Bring pages into the cache with one query per chunk (missing ones are skipped)."""
-        wanted = [p for p in pfns if p not in self._cache or self._cache[p].contents is None]
+        wanted = []
+        for p in pfns:
+            page = self._cache.pop(p, None)
+            if page is None or page.contents is None:
+                wanted.append(p)
+            else:
+                self._cache[p] = page  # now the newest: a trim while the rest load keeps it
         for i in range(0, len(wanted), _CHUNK):
             self._fetch(_PAGES.c.pfn.in_(wanted[i : i + _CHUNK]))
 
-    def load_matching(self, **where: Any) -> list[int]:
-        """Bring every page whose metadata columns equal ``where`` into the cache;
-        returns their PFNs (one query)."""
-        found = self._fetch(*[_PAGES.c[k] == v for k, v in where.items()], keep_cached=True)
-        return [p for p in found if not self._cache[p].freed]
+    def block_orders(self, pfns: Iterable[int]) -> dict[int, int]:
+        """The order of each allocated block among ``pfns`` (others are left out), read without
+        the pages' bytes."""
+        out: dict[int, int] = {}
+        unknown = []
+        for pfn in pfns:
+            page = self._cache.get(pfn)
+            if page is None:
+                unknown.append(pfn)
+            elif not page.freed:
+                out[pfn] = page.order
+        for i in range(0, len(unknown), _CHUNK):
+            rows = self.conn.execute(
+                select(_PAGES.c.pfn, _PAGES.c.page_order).where(
+                    _PAGES.c.machine_id == self.machine_id, _PAGES.c.pfn.in_(unknown[i : i + _CHUNK])
+                )
+            )
+            out.update({pfn: order for pfn, order in rows})
+        return out
 
-    def _fetch(self, *cond: Any, keep_cached: bool = False) -> list[int]:
+    def batches(self, pfns: Iterable[int], size: int = _CHUNK) -> Iterator[list[int]]:
+        """``pfns`` in lists of ``size``, each brought into the cache (one query) just before it
+        is handed out: a pass over many pages holds only one batch of them."""
+        batch: list[int] = []
+        for pfn in pfns:
+            batch.append(pfn)
+            if len(batch) == size:
+                self.load(batch)
+                yield batch
+                batch = []
+        if batch:
+            self.load(batch)
+            yield batch
+
+    def _fetch(self, *cond: Any) -> list[int]:
         names = [c.name for c in _META_COLS]
         rows = self.conn.execute(
             select(_PAGES.c.pfn, _PAGES.c.page_order, _PAGES.c.contents, *_META_COLS).where(
@@ -231,12 +338,26 @@ class Memory:
         found = []
         for pfn, order, contents, *meta in rows:
             found.append(pfn)
-            if keep_cached and pfn in self._cache:
-                continue  # this transaction's copy is newer
+            # read during a call: it may hold what the call wrote early, so an undo drops it
             self._cache[pfn] = _CachedPage(
-                order=order, meta=dict(zip(names, meta, strict=True)), contents=bytearray(contents)
+                order=order, meta=dict(zip(names, meta, strict=True)), contents=bytearray(contents), call=self._call
             )
+        self._trim()
         return found
+
+    def _trim(self) -> None:
+        """Keep the cache bounded: past ``cache_pages``, write every changed page and drop the
+        oldest unchanged ones no caller holds a view of, down to half the limit.
+
+        Writing early changes nothing a caller can see: the database transaction is
+        still all or nothing, and a page someone may still write through stays dirty.
+        """
+        if len(self._cache) <= self.cache_pages:
+            return
+        self.flush()
+        excess = len(self._cache) - self.cache_pages // 2
+        for pfn in [p for p, page in self._cache.items() if not _unsaved(page) and not _exported(page)][:excess]:
+            del self._cache[pfn]
 
     def is_allocated(self, pfn: int) -> bool:
         try:
@@ -356,6 +477,32 @@ class Memory:
             del self._cache[pfn]
         for page in self._cache.values():
             page.in_db = True
-            page.contents_dirty = False
+            # a page someone holds a writable view of may still change: write it again next time
+            page.contents_dirty = page.contents_dirty and _exported(page)
             page.meta_dirty.clear()
         return written
+
+    def release(self) -> None:
+        """Drop every cached page (the transaction is over)."""
+        self._cache = {}
+        self._undo = {}
+        self._call = 0
+        self._allocator = None
+
+
+def _unsaved(page: _CachedPage) -> bool:
+    """Whether the page differs from its database row (or has none yet)."""
+    return page.freed or not page.in_db or page.contents_dirty or bool(page.meta_dirty)
+
+
+def _exported(page: _CachedPage) -> bool:
+    """Whether a view of the page's bytes is alive (a bytearray with views cannot change size)."""
+    buf = page.contents
+    if buf is None:
+        return False
+    try:
+        buf.append(0)
+    except BufferError:
+        return True
+    buf.pop()
+    return False

@@ -177,7 +177,7 @@ def test_enomem_for_an_order_that_no_longer_fits(small_machine: Machine) -> None
 
 
 def test_allocator_alone() -> None:
-    a = Allocator(FIRST_PFN + 16, [(FIRST_PFN, 0), (FIRST_PFN + 2, 1)])
+    a = Allocator.over(FIRST_PFN + 16, [(FIRST_PFN, 0), (FIRST_PFN + 2, 1)])
     assert a.alloc(0) == FIRST_PFN + 1
     assert a.alloc(2) == FIRST_PFN + 4
     assert a.alloc(3) == FIRST_PFN + 8
@@ -349,3 +349,58 @@ def test_error_inside_flush_rolls_back(machine: Machine, db_path: Path) -> None:
             tx.memory.alloc("test")
         tx.memory.set_meta(pfns[7], boot_id=424242)  # ...then this UPDATE breaks a foreign key
     assert sqlite_dump(db_path) == before
+
+
+# -- a bounded cache ---------------------------------------------------------------------------------------
+
+
+def _mixed_work(m: Machine, *, fail: bool) -> None:
+    """Maps, an unmap, a free and (with ``fail``) a map that fails half-way, over three domains."""
+    from iommupt_store.domains import domain_alloc, get_domain
+    from iommupt_store.errors import AddressInUse
+
+    with m.transaction() as tx:
+        a, b = domain_alloc(tx, "x86_64"), domain_alloc(tx, "amdv1")
+        a.map_range(0, 0x100001000, 48 << 20)
+        a.map_range(100 << 20, 0x1000, 1 << 20)
+        b.map_range(1 << 30, 0x200000000, 16 << 20)
+        if fail:
+            with pytest.raises(AddressInUse):  # installs 52 MiB of tables and leaves, then backs out
+                a.map_range(48 << 20, 0x300001000, (52 << 20) + 0x1000)
+        a.unmap_range(8 << 20, 4 << 20)
+    with m.transaction() as tx:
+        c = domain_alloc(tx, "vtdss")
+        c.map_range(0, 0x1000, 24 << 20)
+        get_domain(tx, b.id).free()
+        get_domain(tx, a.id).map_range(8 << 20, 0x400001000, 4 << 20)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_small_cache_stores_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: bool) -> None:
+    """Writing pages early and dropping them (the cache bound) is invisible: the same calls store
+    the same rows, also when a call fails part-way after pages were written early."""
+    import iommupt_store.memory as memory
+
+    dumps = []
+    for name, pages in (("big", memory.CACHE_PAGES), ("small", 16)):
+        monkeypatch.setattr(memory, "CACHE_PAGES", pages)
+        with Store.init(tmp_path / f"{name}.db") as store:
+            store.create_machine("m", 1 << 30)
+            _mixed_work(store.machine("m"), fail=fail)
+        dump = sqlite_dump(tmp_path / f"{name}.db")
+        dumps.append({t: dump[t] for t in ("page", "mapping_run")})
+    assert dumps[0] == dumps[1]
+    assert len(dumps[0]["page"]) > 2 * 16  # the small cache really was exceeded
+
+
+def test_a_finished_transaction_lets_go_of_its_pages(machine: Machine) -> None:
+    with machine.transaction() as tx:
+        mem = tx.memory
+        mem.alloc("test")
+        assert mem._cache
+    assert not mem._cache
+    with pytest.raises(RuntimeError), machine.transaction() as tx:
+        mem = tx.memory
+        mem.alloc("test")
+        raise RuntimeError("abandoned")
+    assert not mem._cache

@@ -61,10 +61,11 @@ def preservation_problems(tx: Transaction, domain_id: int, reachable: set[int], 
             f"domain {domain_id} reaches {len(extra)} unpreserved frame(s) {[hex(p) for p in extra[:4]]} "
             f"and {len(missing)} preserved frame(s) are unreachable {[hex(p) for p in missing[:4]]}"
         )
-    tx.memory.load(preserved)
-    for pfn, rec in preserved.items():
-        if tx.memory.is_allocated(pfn) and kho.content_hash(tx.memory.view(pfn)) != rec.content_hash:
-            problems.append(f"frame {pfn:#x} of domain {domain_id} changed after preserve")
+    mem = tx.memory
+    for batch in mem.batches(sorted(preserved)):
+        for pfn in batch:
+            if mem.is_allocated(pfn) and kho.content_hash(mem.view(pfn)) != preserved[pfn].content_hash:
+                problems.append(f"frame {pfn:#x} of domain {domain_id} changed after preserve")
     return problems
 
 
@@ -226,14 +227,18 @@ def _walk_preserved(
         out.append((pfn, level))
         if level == 0:
             return
+        children = []
         for i, raw in enumerate(mem.words(pfn)[:n]):
             if raw:
                 d = fmt.decode(raw, level, features)
                 if d.type is EntryType.TABLE:
-                    visit(d.addr >> PAGE_SHIFT, level - 1, ITEMS_PER_TABLE, f"entry {i} of table {pfn:#x}")
+                    children.append((i, d.addr >> PAGE_SHIFT))
+        mem.load([child for _, child in children])  # one query for the table's children
+        for i, child in children:
+            visit(child, level - 1, ITEMS_PER_TABLE, f"entry {i} of table {pfn:#x}")
 
     top_pfn = desc.top_table_phys >> PAGE_SHIFT
-    mem.load([top_pfn, *preserved])
+    mem.load([top_pfn])
     if not mem.is_allocated(top_pfn):
         raise BadData(f"descriptor top_table_phys {desc.top_table_phys:#x} is not a page of this machine")
     visit(top_pfn, desc.top_level, 1 << (desc.vasz - item_lg2sz(desc.top_level)), "descriptor top_table_phys")
@@ -357,9 +362,11 @@ def restore_domain(tx: Transaction, token: int) -> Domain:
     pt = dom.pt
     pt.frames.free_tables([pt.top_phys])
     kho.restore_pages(tx, [(pfn, 0) for pfn, _ in frames], owner_tag(old_id))
-    for pfn, level in frames:
-        # the frames change hands; the old kernel's per-frame state (incoherent) is stale
-        tx.memory.set_meta(pfn, domain_id=dom.id, level=level, incoherent=False)
+    levels = dict(frames)
+    for batch in tx.memory.batches(levels):
+        for pfn in batch:
+            # the frames change hands; the old kernel's per-frame state (incoherent) is stale
+            tx.memory.set_meta(pfn, domain_id=dom.id, level=levels[pfn], incoherent=False)
     crashpoint("restore")
     features = frozenset({Feature.SIGN_EXTEND}) if desc.sign_extend else frozenset()
     pt.adopt(top_phys=desc.top_table_phys, top_level=desc.top_level, max_vasz_lg2=desc.vasz, features=features)

@@ -25,7 +25,7 @@ def content_hash(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PreservedPage:
     id: int
     pfn: int
@@ -66,32 +66,35 @@ def preserve_pages(
     ``domain_id`` names the domain whose table frames these are (recorded with each
     frame's level, for SQL inspection)."""
     pages = list(pages)
+    orders = dict(pages)
     mem = tx.memory
+    stored = mem.block_orders(orders)  # without the pages' bytes
     for pfn, order in pages:
-        if not mem.is_allocated(pfn):
+        if pfn not in stored:
             raise InvalidArgument(f"pfn {pfn:#x} is not allocated memory: nothing to preserve")
-        if mem.order(pfn) != order:
-            raise InvalidArgument(f"pfn {pfn:#x} is an order-{mem.order(pfn)} block, not order {order}")
-    if len({pfn for pfn, _ in pages}) != len(pages):
+        if stored[pfn] != order:
+            raise InvalidArgument(f"pfn {pfn:#x} is an order-{stored[pfn]} block, not order {order}")
+    if len(orders) != len(pages):
         raise InvalidArgument("the same pfn is listed twice")
-    existing = _rows(tx, tx.machine.boot_id, [pfn for pfn, _ in pages])
+    existing = _rows(tx, tx.machine.boot_id, list(orders))
     if existing:
         first = next(iter(existing.values()))
         raise AlreadyExists(f"pfn {first.pfn:#x} is already preserved in this boot (by {first.preserved_by})")
-    rows = [
-        {
-            "machine_id": tx.machine.id,
-            "pfn": pfn,
-            "page_order": order,
-            "boot_id": tx.machine.boot_id,
-            "preserved_by": who,
-            "content_hash": content_hash(mem.view(pfn)),
-            "domain_id": domain_id,
-            "level": mem.meta(pfn).get("level") if domain_id is not None else None,
-        }
-        for pfn, order in pages
-    ]
-    if rows:
+    # a batch at a time, so that the pages are never all held: a failure part-way is rolled back with the call
+    for batch in mem.batches(orders):
+        rows = [
+            {
+                "machine_id": tx.machine.id,
+                "pfn": pfn,
+                "page_order": orders[pfn],
+                "boot_id": tx.machine.boot_id,
+                "preserved_by": who,
+                "content_hash": content_hash(mem.view(pfn)),
+                "domain_id": domain_id,
+                "level": mem.meta(pfn).get("level") if domain_id is not None else None,
+            }
+            for pfn in batch
+        ]
         tx.conn.execute(insert(Preservation), rows)
 
 
@@ -144,18 +147,20 @@ def restore_pages(tx: Transaction, pages: Sequence[tuple[int, int]], who: str | 
     prev = incoming_boot_id(tx)
     rows = _rows(tx, prev, [pfn for pfn, _ in pages])
     mem = tx.memory
-    for pfn, order in pages:
-        row = rows.get(pfn)
-        if row is None:
-            raise NotFound(f"pfn {pfn:#x} was not preserved by the previous boot")
-        if who is not None and row.preserved_by != who:
-            raise NotPermitted(f"pfn {pfn:#x} was preserved by {row.preserved_by}, not {who}")
-        if row.order != order:
-            raise InvalidArgument(f"pfn {pfn:#x} was preserved at order {row.order}, not {order}")
-        if row.restored_boot_id is not None:
-            raise AlreadyExists(f"pfn {pfn:#x} has already been restored")
-        if content_hash(mem.view(pfn)) != row.content_hash:
-            raise BadData(f"pfn {pfn:#x} changed after it was preserved (content hash mismatch)")
+    orders = dict(pages)
+    for batch in mem.batches(pfn for pfn, _ in pages):
+        for pfn in batch:
+            row = rows.get(pfn)
+            if row is None:
+                raise NotFound(f"pfn {pfn:#x} was not preserved by the previous boot")
+            if who is not None and row.preserved_by != who:
+                raise NotPermitted(f"pfn {pfn:#x} was preserved by {row.preserved_by}, not {who}")
+            if row.order != orders[pfn]:
+                raise InvalidArgument(f"pfn {pfn:#x} was preserved at order {row.order}, not {orders[pfn]}")
+            if row.restored_boot_id is not None:
+                raise AlreadyExists(f"pfn {pfn:#x} has already been restored")
+            if content_hash(mem.view(pfn)) != row.content_hash:
+                raise BadData(f"pfn {pfn:#x} changed after it was preserved (content hash mismatch)")
     ids = [rows[pfn].id for pfn, _ in pages]
     for i in range(0, len(ids), _CHUNK):
         tx.conn.execute(
@@ -163,5 +168,6 @@ def restore_pages(tx: Transaction, pages: Sequence[tuple[int, int]], who: str | 
             .where(Preservation.id.in_(ids[i : i + _CHUNK]))
             .values(restored_boot_id=tx.machine.boot_id)
         )
-    for pfn, _ in pages:
-        mem.set_meta(pfn, boot_id=tx.machine.boot_id)
+    for batch in mem.batches(pfn for pfn, _ in pages):
+        for pfn in batch:
+            mem.set_meta(pfn, boot_id=tx.machine.boot_id)

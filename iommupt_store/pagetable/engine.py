@@ -537,6 +537,7 @@ class PageTable:
         def walk(tbl: int, lvl: int, n: int) -> None:
             if lvl == 0 and not check_mapped:
                 return  # level 0 cannot hold tables
+            children = []
             for raw in self.frames.read(tbl)[:n]:
                 if not raw:
                     continue
@@ -545,10 +546,14 @@ class PageTable:
                     if d.addr in seen:
                         raise BadData(f"table {d.addr:#x} is reachable twice (cycle or shared table)")
                     seen.add(d.addr)
-                    out.append(d.addr)
-                    walk(d.addr, lvl - 1, ITEMS_PER_TABLE)
+                    children.append(d.addr)
                 elif d.type is _OA and check_mapped:
                     raise AddressInUse(f"the table being replaced still maps a {_size_text(lvl, d.contig_lg2)} page")
+            if lvl > 1 or check_mapped:
+                self.frames.prefetch(children)  # the children are read next, one table each
+            for child in children:
+                out.append(child)
+                walk(child, lvl - 1, ITEMS_PER_TABLE)
 
         walk(table, level, self.top_items() if top else ITEMS_PER_TABLE)
         return out

@@ -27,6 +27,9 @@ class FrameStore(Protocol):
     def write(self, phys: int) -> memoryview:
         """The table at ``phys`` as 512 writable u64 words."""
 
+    def prefetch(self, tables: Iterable[int]) -> None:
+        """A hint: these tables are read next (a store may fetch them in one go)."""
+
 
 class DictFrames:
     """Frames in a dict: a FrameStore with no database, allocating from ``base``."""
@@ -56,3 +59,6 @@ class DictFrames:
 
     def write(self, phys: int) -> memoryview:
         return memoryview(self.frames[phys]).cast("Q")
+
+    def prefetch(self, tables: Iterable[int]) -> None:
+        pass

@@ -11,7 +11,7 @@ sharing).
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -19,6 +19,8 @@ from ..errors import BadData
 from ..formats.base import ITEMS_PER_TABLE, U64_MASK, EntryType, Feature, PageTableFormat, item_lg2sz
 
 _ITEMS = struct.Struct(f"<{ITEMS_PER_TABLE}Q")
+#: decoded tables kept for repeated translations; a whole-tree walk visits each table once
+_DECODED_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,21 @@ class HardwareWalker:
             if len(data) != 4096:
                 raise WalkError(f"frame {phys:#x} is {len(data)} bytes, not 4096")
             items = _ITEMS.unpack(data)
+            if len(self._decoded) >= _DECODED_MAX:
+                self._decoded.clear()
             self._decoded[phys] = items
         return items
+
+    def _prefetch_children(self, items: tuple[int, ...], level: int, n: int) -> None:
+        """Tell frames that fetch lazily (``prefetch``) which tables the walk reads next."""
+        prefetch = getattr(self.frames, "prefetch", None)
+        if prefetch is None or level == 0:
+            return
+        decode, empty = self.fmt.decode, frozenset[Feature]()
+        decoded = (decode(raw, level, empty) for raw in items[:n] if raw)
+        children = [d.addr for d in decoded if d.type is EntryType.TABLE]
+        if children:
+            prefetch(children)
 
     def canonical(self, iova: int) -> bool:
         if self.vasz >= 64:
@@ -138,6 +153,7 @@ class HardwareWalker:
             seen.add(phys)
             info = TableInfo(phys, level, base)
             items = self._items(phys)
+            self._prefetch_children(items, level, n)
             item = item_lg2sz(level)
             i = 0
             while i < n:
@@ -170,16 +186,20 @@ class HardwareWalker:
 
     def leaf_entries(self) -> list[tuple[int, int, int, int, int]]:
         """Every mapping as (iova, phys, size, level, raw entry), in the order of ``leaves``."""
+        return list(self.iter_leaf_entries())
+
+    def iter_leaf_entries(self) -> Iterator[tuple[int, int, int, int, int]]:
+        """``leaf_entries`` one at a time (ascending IOVA): a whole domain without a list of it."""
         seen: set[int] = set()
-        out: list[tuple[int, int, int, int, int]] = []
         decode, empty = self.fmt.decode, frozenset[Feature]()
         oa_type = EntryType.OA
 
-        def visit(phys: int, level: int, base: int, n: int, top: bool) -> None:
+        def visit(phys: int, level: int, base: int, n: int, top: bool) -> Iterator[tuple[int, int, int, int, int]]:
             if phys in seen:
                 raise WalkError(f"table {phys:#x} is reachable twice (cycle or shared table)")
             seen.add(phys)
             items = self._items(phys)
+            self._prefetch_children(items, level, n)
             item = item_lg2sz(level)
             i = 0
             while i < n:
@@ -192,16 +212,15 @@ class HardwareWalker:
                     va = self._top_base(i) if top else base + (i << item)
                     step = 1 << d.contig_lg2
                     size = 1 << (item + d.contig_lg2)
-                    out.append((va & ~(size - 1), d.addr, size, level, raw))
+                    yield (va & ~(size - 1), d.addr, size, level, raw)
                     i = (i & ~(step - 1)) + step
                     continue
                 if d.type is EntryType.TABLE:
                     if level == 0:
                         raise WalkError(f"level-0 table {phys:#x} holds a table pointer at index {i}")
                     va = self._top_base(i) if top else base + (i << item)
-                    visit(d.addr, level - 1, va, ITEMS_PER_TABLE, False)
+                    yield from visit(d.addr, level - 1, va, ITEMS_PER_TABLE, False)
                 i += 1
 
         n = 1 << (self.vasz - item_lg2sz(self.top_level))
-        visit(self.top_phys, self.top_level, 0, min(n, ITEMS_PER_TABLE), True)
-        return out
+        yield from visit(self.top_phys, self.top_level, 0, min(n, ITEMS_PER_TABLE), True)
