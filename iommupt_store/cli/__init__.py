@@ -12,9 +12,12 @@ from typing import Any, NoReturn
 
 import click
 
-from ..errors import EXIT_DATAERR, EXIT_FAILURE, EXIT_SOFTWARE, EXIT_TEMPFAIL, EXIT_USAGE
+from ..abi.profiles import DEFAULT as DEFAULT_PROFILE
+from ..abi.profiles import ENV_KERNEL, ENV_PROFILES, get_profile, load_profile_file
+from ..errors import EXIT_DATAERR, EXIT_FAILURE, EXIT_SOFTWARE, EXIT_TEMPFAIL, EXIT_USAGE, IommuptError
 from ..store import DEFAULT_MACHINE, ENV_DB
 from . import guard
+from .abi_cmds import COMMANDS as ABI_COMMANDS
 from .common import Context, Group
 from .db_cmds import db, fsck, init, status
 from .domain_cmds import COMMANDS as DOMAIN_COMMANDS
@@ -36,8 +39,8 @@ Exit codes:
 
 \b
 Commands that only look (status, domains, show, translate, handover,
-sessions, devices, device translate, fsck, query, export-image, shell)
-never attach to the machine: they do not start the next boot after a live
+sessions, devices, device translate, fsck, query, export-image, shell,
+schema, profiles, compat) never attach to the machine: they do not start the next boot after a live
 update and write nothing. The others attach to the current boot.
 
 \b
@@ -75,9 +78,21 @@ class RootGroup(Group):
     show_default=True,
     help="Machine (host) in the database to act on.",
 )
+@click.option(
+    "--kernel",
+    metavar="PROFILE",
+    help=f"Kernel profile of a boot this process starts (default ${ENV_KERNEL}, else {DEFAULT_PROFILE}); "
+    "a running boot keeps its own. See 'iommupt-store profiles'.",
+)
+@click.option(
+    "--profiles",
+    "profiles_file",
+    metavar="FILE",
+    help=f"TOML or JSON file of user kernel profiles (default ${ENV_PROFILES}).",
+)
 @click.version_option(package_name="iommupt-store")
 @click.pass_context
-def cli(ctx: click.Context, db: str | None, machine: str) -> None:
+def cli(ctx: click.Context, db: str | None, machine: str, kernel: str | None, profiles_file: str | None) -> None:
     """iommupt-store: IOMMU page tables and their live-update preservation, in a database.
 
     A machine's memory, its IOMMU page-table frames (real PTE bytes) and the
@@ -85,14 +100,21 @@ def cli(ctx: click.Context, db: str | None, machine: str) -> None:
     with plain SQL. Each invocation is one process attached to the machine's
     current boot.
     """
-    ctx.obj = Context(db=db, machine_name=machine)
+    if profiles_file is not None:
+        load_profile_file(profiles_file)
+    if kernel is not None:
+        try:
+            get_profile(kernel)
+        except IommuptError as e:
+            raise click.BadParameter(str(e).split(": ", 1)[-1], ctx, param_hint="'--kernel'") from None
+    ctx.obj = Context(db=db, machine_name=machine, kernel=kernel)
 
 
 cli.add_command(init)
 cli.add_command(status)
 cli.add_command(db)
 cli.add_command(fsck)
-for _cmd in DOMAIN_COMMANDS + LIVEUPDATE_COMMANDS + SESSION_COMMANDS + INSPECT_COMMANDS:
+for _cmd in DOMAIN_COMMANDS + LIVEUPDATE_COMMANDS + SESSION_COMMANDS + INSPECT_COMMANDS + ABI_COMMANDS:
     cli.add_command(_cmd)
 
 

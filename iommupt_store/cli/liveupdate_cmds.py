@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
 from ..liveupdate import handover_report, liveupdate, preserve_domain, restore_domain, unpreserve_domain
+from ..liveupdate.handover_abi import PreflightRefused
 from ..liveupdate.sessions import preserve_domain_in_session
 from ..names import check_machine_name
 from . import render
+from .abi_cmds import PROFILE, show_report
 from .common import ID, INT, Command, Context, emit_json, json_option, pass_ctx
 
 
@@ -56,24 +59,52 @@ def unpreserve(ctx: Context, token: int, as_json: bool) -> None:
 
 
 @click.command("liveupdate", cls=Command)
+@click.option(
+    "--next",
+    "next_profile",
+    type=PROFILE,
+    metavar="PROFILE",
+    help="Seal only if a kernel of this profile could read what is preserved (pre-flight).",
+)
 @json_option
 @pass_ctx
-def liveupdate_cmd(ctx: Context, as_json: bool) -> None:
+def liveupdate_cmd(ctx: Context, next_profile: str | None, as_json: bool) -> None:
     """Seal this boot's handover and end the boot: the kexec.
 
     Every preserved domain is checked first (frames reachable from the top ==
     frames preserved; bytes unchanged); if one fails nothing changes. The next
     command that opens the machine starts the next boot, where only what was
-    preserved survives.
+    preserved survives. The handover records the kernel profile that wrote it
+    and its kexec-metadata (previous release, kexec count).
+
+    With --next PROFILE the seal first checks what is preserved against that
+    kernel (as 'compat' does for two profiles): when the next kernel could not
+    read it (a cold boot or a panic), nothing is sealed, the report says which
+    objects, which ABI and what would happen, and the exit code is 1.
+
+    
+    Examples:
+      iommupt-store liveupdate
+      iommupt-store liveupdate --next lu-v5 --json
     """
-    report = liveupdate(ctx.machine())
+    try:
+        report = liveupdate(ctx.machine(), next_profile)
+    except PreflightRefused as e:
+        if as_json:
+            emit_json(e.report)
+        else:
+            show_report(e.report)
+        render.error(e)
+        sys.exit(e.exit_code)
     if as_json:
         emit_json(report)
-    else:
-        render.result(
-            f"boot {report.boot} sealed: {report.domains} domain(s), {report.frames} frame(s) handed over; "
-            "the next process starts a new boot"
-        )
+        return
+    if report.next is not None:
+        show_report(report.next)
+    render.result(
+        f"boot {report.boot} sealed by kernel profile {report.kernel_profile} (kexec count {report.kexec_count}): "
+        f"{report.domains} domain(s), {report.frames} frame(s) handed over; the next process starts a new boot"
+    )
 
 
 @click.command(cls=Command)
