@@ -248,9 +248,19 @@ def get_profile(name: str) -> KernelProfile:
     raise InvalidArgument(f"unknown kernel profile {name!r}: known are {known}{hint}")
 
 
+#: the profile this process chose for every attach (the command line's --kernel)
+_PROCESS_KERNEL: list[str | None] = [None]
+
+
+def choose_process_kernel(name: str | None) -> None:
+    """Make ``name`` the profile every attach of this process asks for when it names none."""
+    _PROCESS_KERNEL[0] = name
+
+
 def requested_profile(kernel: str | None) -> str | None:
-    """The profile a process asked for: the argument, else ``$IOMMUPT_KERNEL``; None when neither."""
-    name = kernel if kernel is not None else os.environ.get(ENV_KERNEL) or None
+    """The profile a process asked for: the argument, else the process's choice (``--kernel``), else
+    ``$IOMMUPT_KERNEL``; None when none of them."""
+    name = kernel if kernel is not None else _PROCESS_KERNEL[0] or os.environ.get(ENV_KERNEL) or None
     if name is not None:
         get_profile(name)  # an unknown name is refused before anything is opened
     return name

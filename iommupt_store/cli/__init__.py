@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import click
 
 from ..abi.profiles import DEFAULT as DEFAULT_PROFILE
-from ..abi.profiles import ENV_KERNEL, ENV_PROFILES, get_profile, load_profile_file
+from ..abi.profiles import ENV_KERNEL, ENV_PROFILES, choose_process_kernel, get_profile, load_profile_file
 from ..errors import EXIT_DATAERR, EXIT_FAILURE, EXIT_SOFTWARE, EXIT_TEMPFAIL, EXIT_USAGE, IommuptError
 from ..store import DEFAULT_MACHINE, ENV_DB
 from . import guard
@@ -100,6 +100,7 @@ def cli(ctx: click.Context, db: str | None, machine: str, kernel: str | None, pr
     with plain SQL. Each invocation is one process attached to the machine's
     current boot.
     """
+    choose_process_kernel(None)
     if profiles_file is not None:
         load_profile_file(profiles_file)
     if kernel is not None:
@@ -107,6 +108,7 @@ def cli(ctx: click.Context, db: str | None, machine: str, kernel: str | None, pr
             get_profile(kernel)
         except IommuptError as e:
             raise click.BadParameter(str(e).split(": ", 1)[-1], ctx, param_hint="'--kernel'") from None
+    choose_process_kernel(kernel)  # also for commands that attach through the store directly (init)
     ctx.obj = Context(db=db, machine_name=machine, kernel=kernel)
 
 

@@ -144,7 +144,7 @@ def _describe(desc: dict[str, object]) -> str:
         return (
             f"{desc['format']} top {desc['top_table_phys']} L{desc['top_level']} vasz {desc['vasz']}"
             + (" sign-extended" if desc.get("sign_extend") else "")
-            + f" (v{desc['version']})"
+            + f" ({desc['compatible']} v{desc['version']})"
         )
     except (KeyError, TypeError):
         return json.dumps(desc, default=str)
@@ -177,6 +177,16 @@ def handover(ctx: Context, as_json: bool) -> None:
             ),
             title=f"boot {report.boot}: {title}",
         )
+    render.result(f"boot {report.boot} runs kernel profile {report.kernel_profile}")
+    rec = report.incoming_records
+    if rec is not None:
+        kexec = rec.get("kexec") or {}
+        render.result(
+            f"incoming handover: KHO {rec.get('compatible')}, written by {rec.get('writer_profile') or 'unknown'}"
+            + (f", exec from {kexec.get('previous_release')} (count {kexec.get('kexec_count')})" if kexec else "")
+        )
+    if report.discarded:
+        render.result(f"incoming handover discarded (booted as if cold): {report.discarded}")
     if report.leaked_frames:
         render.result(
             f"{report.leaked_frames} preserved frame(s) not re-claimed in this boot: "
