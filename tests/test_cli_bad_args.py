@@ -70,6 +70,11 @@ VALID = {
     "image": "mem.raw",  # relative: the cases run in their own temporary directory
     "command": "print(len(list_domains(tx)))",
     "iova_range": "0x0:0x1fffff",
+    "kind": "domain",
+    "version": "1",
+    "from_profile": "lu-v5",
+    "to_profile": "lu-v5",
+    "next_profile": "lu-v5",
 }
 
 #: bad values by kind of parameter, and the exit code each kind must give
@@ -182,9 +187,18 @@ def _param_cases() -> Iterator[tuple[str, Case]]:
 
 
 #: commands that never open the database
-NO_DATABASE = {("db", "history")}
+NO_DATABASE = {("db", "history"), ("schema",), ("profiles",), ("compat",)}
 #: commands that never look at --machine (the demo has its own machine)
-IGNORES_MACHINE = {("demo",), ("db", "history"), ("db", "current"), ("db", "upgrade"), ("db", "downgrade")}
+IGNORES_MACHINE = {
+    ("demo",),
+    ("db", "history"),
+    ("db", "current"),
+    ("db", "upgrade"),
+    ("db", "downgrade"),
+    ("schema",),
+    ("profiles",),
+    ("compat",),
+}
 #: commands that create a missing database
 CREATES = {("init",), ("demo",)}
 BAD_DBS = {

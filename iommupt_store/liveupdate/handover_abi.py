@@ -19,7 +19,7 @@ from ..abi.records import KexecMetadata, KhoRootRecord, LuoFlbRecord, LuoHeader,
 from ..db.models import Boot, HandoverEntry
 from ..errors import BadData, IommuptError
 from ..machine import Transaction
-from .integrity import LIVE
+from .integrity import LIVE, verify_handover
 
 
 class HandoverPanic(BadData):
@@ -107,6 +107,9 @@ def judge_incoming(tx: Transaction, prev_id: int, prev_number: int) -> str | Non
     """At the start of boot N+1: the reason to discard the previous handover (a KHO mismatch), or None
     when it is readable. A LUO or IOMMU mismatch raises ``HandoverPanic``."""
     report = judge(written_abi(tx.conn, prev_id), tx.machine.profile)
+    if not report.readable:
+        # act on a verdict only if the records it rests on are the ones sealed (an edit is bad data)
+        verify_handover(tx.conn, tx.machine.id, prev_id)
     if report.outcome == "cold boot":
         return report.problem
     if report.outcome == "panic":
