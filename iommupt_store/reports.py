@@ -86,7 +86,7 @@ class SealReport(Report):
     pages_preserved: int
     #: the kernel profile that wrote the handover, and the kexec count it recorded
     kernel_profile: str = "lu-v5"
-    kexec_count: int = 1
+    kexec_count: int | None = 1
     #: the pre-flight against the next kernel's profile (``liveupdate --next``)
     next: Any = None
 

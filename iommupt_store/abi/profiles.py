@@ -66,6 +66,9 @@ class KernelProfile(BaseModel):
     #: KHO and LUO compatibles accepted besides its own
     kho_reads: list[Compatible] = []
     luo_reads: list[Compatible] = []
+    #: the seal writes the KHO root record with kexec-metadata and the LUO header (kho-v4 added
+    #: kexec-metadata; the seed's kho-v2 kernels wrote neither, and their handovers are stored as then)
+    kexec_metadata: bool = True
 
 
 class ProfileEntry(BaseModel):
@@ -85,6 +88,7 @@ class ProfileEntry(BaseModel):
     converts: list[Version] | None = None
     kho_reads: list[Compatible] | None = None
     luo_reads: list[Compatible] | None = None
+    kexec_metadata: bool | None = None
 
 
 class ProfileFile(BaseModel):
@@ -109,6 +113,7 @@ SHIPPED: dict[str, KernelProfile] = {
             iommu="iommu-liveupdate-v1",
             writes=1,
             reads=[1],
+            kexec_metadata=False,
         ),
         KernelProfile(
             name="lu-v5",

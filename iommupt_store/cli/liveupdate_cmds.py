@@ -102,7 +102,9 @@ def liveupdate_cmd(ctx: Context, next_profile: str | None, as_json: bool) -> Non
     if report.next is not None:
         show_report(report.next)
     render.result(
-        f"boot {report.boot} sealed by kernel profile {report.kernel_profile} (kexec count {report.kexec_count}): "
+        f"boot {report.boot} sealed by kernel profile {report.kernel_profile}"
+        + (f" (kexec count {report.kexec_count})" if report.kexec_count is not None else "")
+        + ": "
         f"{report.domains} domain(s), {report.frames} frame(s) handed over; the next process starts a new boot"
     )
 

@@ -80,9 +80,12 @@ def kexec_count_before(tx: Transaction) -> int:
     return rec.kexec.kexec_count if rec is not None and rec.kexec is not None else 0
 
 
-def write_seal_records(tx: Transaction) -> int:
-    """Record this boot's KHO root, kexec-metadata, LUO header and IOMMU FLB; returns the kexec count."""
+def write_seal_records(tx: Transaction) -> int | None:
+    """Record this boot's KHO root, kexec-metadata, LUO header and IOMMU FLB; returns the kexec count
+    (None for a profile whose kernel writes no kexec-metadata: its handover is stored as before)."""
     p = tx.machine.profile
+    if not p.kexec_metadata:
+        return None
     count = kexec_count_before(tx) + 1
     h = HandoverEntry
     iommu_objects = tx.conn.execute(
