@@ -11,6 +11,8 @@ the boot that changes nothing.
 
 from __future__ import annotations
 
+import errno as _errno
+
 from sqlalchemy import Connection, func, select
 
 from ..abi.compat import CompatReport, WrittenAbi, judge
@@ -29,6 +31,8 @@ class HandoverPanic(BadData):
 
 class PreflightRefused(IommuptError):
     """``liveupdate --next``: the next kernel could not read this handover; nothing was sealed."""
+
+    errno = _errno.ENOEXEC  # the next kernel's exec would lose or panic on it
 
     def __init__(self, report: CompatReport) -> None:
         super().__init__(
