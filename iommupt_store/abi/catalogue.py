@@ -314,6 +314,26 @@ def convert(kind: str, path: list[int], data: Any, what: str) -> Any:
     return parse_descriptor(kind, path[-1], out, f"{what} (converted from version {path[0]} to {path[-1]})")
 
 
+def read_along(kind: str, path: list[int], data: Any, what: str) -> Any:
+    """A stored descriptor of version ``path[0]`` read as version ``path[-1]`` (converted when they differ)."""
+    if len(path) == 1:
+        return parse_descriptor(kind, path[0], data, what)
+    return convert(kind, path, data, what)
+
+
+def written_as(kind: str, version: int, v2: BaseModel) -> Any:
+    """What a writer of ``version`` stores for the version-2 descriptor ``v2`` (a user's version through
+    the registered converters from 2)."""
+    if version == 2:
+        return v2
+    path = conversion_path(kind, 2, {version})
+    if path is None:
+        raise InvalidArgument(
+            f"the kernel profile writes {kind} descriptor version {version}: no converter leads there"
+        )
+    return convert(kind, path, dump_descriptor(v2), f"the new {kind} descriptor")
+
+
 def version_of(kind: str, data: Any) -> int:
     """The catalogue version of a stored descriptor, from its compatible (built-in versions only)."""
     compatible = data.get("compatible") if isinstance(data, dict) else None

@@ -182,6 +182,8 @@ def check_profile(p: KernelProfile, where: str) -> None:
     for kind in catalogue.KINDS:
         if p.writes not in catalogue.versions(kind):
             raise InvalidArgument(f"{where}: field writes: {kind} descriptor version {p.writes} is not registered")
+        if p.writes not in (1, 2) and catalogue.conversion_path(kind, 2, {p.writes}) is None:
+            raise InvalidArgument(f"{where}: field writes: no registered {kind} converter leads from 2 to {p.writes}")
     for v in p.reads:
         for kind in catalogue.KINDS:
             if v not in catalogue.versions(kind):

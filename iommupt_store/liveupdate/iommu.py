@@ -372,9 +372,7 @@ def read_descriptor(tx: Transaction, entry: StoredEntry) -> Any:
             f"handover entry {token:#x} is a version-{entry.abi_version} {entry.kind} descriptor, which kernel "
             f"profile {profile.name!r} neither reads nor converts"
         )
-    if len(path) == 1:
-        return catalogue.parse_descriptor(entry.kind, path[0], entry.descriptor, what)
-    return catalogue.convert(entry.kind, path, entry.descriptor, what)
+    return catalogue.read_along(entry.kind, path, entry.descriptor, what)
 
 
 def _checked_handover(tx: Transaction, prev: int, entry: StoredEntry) -> tuple[Any, int, list[tuple[int, int]]]:

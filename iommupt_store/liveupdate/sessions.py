@@ -170,9 +170,7 @@ def incoming_device_descriptor(tx: Transaction, raw: Any, version: int, token: i
     path = read_path(tx.machine.profile, "device", version)
     if path is None:
         raise BadData(f"{what}: version {version}, which kernel profile {tx.machine.profile_name!r} cannot read")
-    if len(path) == 1:
-        return catalogue.parse_descriptor("device", version, raw, what)
-    return catalogue.convert("device", path, raw, what)
+    return catalogue.read_along("device", path, raw, what)
 
 
 @atomic
