@@ -28,7 +28,19 @@ from typing import Any
 
 from sqlalchemy import delete, select
 
-from .db.models import Boot, Device, Domain, HandoverEntry, LuoSession, Page, Preservation
+from .db.models import (
+    Boot,
+    Device,
+    Domain,
+    HandoverEntry,
+    KhoRoot,
+    KhoSubnode,
+    LuoFile,
+    LuoFlb,
+    LuoSession,
+    Page,
+    Preservation,
+)
 from .db.models import Machine as MachineRow
 from .devices import attach, detach, dma_walker, replace
 from .domains import domain_alloc, frame_counts, get_domain, hardware_walker
@@ -156,7 +168,8 @@ def reset_machine(store: Store, name: str) -> None:
     with store.writer.begin() as conn:
         mid = conn.execute(select(MachineRow.id).where(MachineRow.name == name)).scalar()
         if mid is not None:
-            for table in (HandoverEntry, Device, LuoSession, Preservation, Page, Domain, Boot):
+            records = (LuoFile, LuoFlb, KhoSubnode, KhoRoot)
+            for table in (*records, HandoverEntry, Device, LuoSession, Preservation, Page, Domain, Boot):
                 conn.execute(delete(table).where(table.machine_id == mid))
             conn.execute(delete(MachineRow).where(MachineRow.id == mid))
     store.create_machine(name, MEM_BYTES)

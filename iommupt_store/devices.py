@@ -63,7 +63,9 @@ def preserved_in_this_boot(tx: Transaction, device_id: int) -> bool:
     return (
         tx.conn.execute(
             select(HandoverEntry.id).where(
-                HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.device_id == device_id
+                HandoverEntry.boot_id == tx.machine.boot_id,
+                HandoverEntry.device_id == device_id,
+                HandoverEntry.flags.bitwise_and(1) == 0,  # not a DELETED slot
             )
         ).first()
         is not None

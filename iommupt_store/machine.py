@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from sqlalchemy import Connection, delete, insert, select, update
 
+from .abi.profiles import DEFAULT as DEFAULT_PROFILE
+from .abi.profiles import KernelProfile, get_profile, requested_profile
 from .boot_history import check_boot_history
 from .crash import crashpoint
 from .db.engine import translate_db_errors
@@ -162,9 +164,18 @@ class Machine:
         self.read_only = False
         #: how the observed boot ended (None: still running, or never booted)
         self.boot_end_kind: str | None = None
+        #: the kernel profile the boot runs (``abi/profiles.py``)
+        self.profile_name = DEFAULT_PROFILE
+
+    @property
+    def profile(self) -> KernelProfile:
+        return get_profile(self.profile_name)
 
     @classmethod
-    def attach(cls, store: Store, name: str) -> Machine:
+    def attach(cls, store: Store, name: str, kernel: str | None = None) -> Machine:
+        """Attach to the current boot, or start the next one under kernel profile ``kernel``
+        (default ``$IOMMUPT_KERNEL``, else the newest). A running boot keeps its profile."""
+        requested = requested_profile(kernel)
         with translate_db_errors(store.url), store.writer.begin() as conn:
             mid = store.machine_id(conn, name)
             lock_machine_row(conn, mid)
@@ -172,10 +183,21 @@ class Machine:
             check_boot_history(conn, mid, name)  # before a new boot frees anything
             mem_bytes, last = _memory_and_last_boot(conn, mid)
             if last is not None and last.end_kind is None:
-                return cls(store, name, mid, mem_bytes, last.id, last.number)
+                if requested is not None and requested != last.kernel_profile:
+                    raise NotPermitted(
+                        f"boot {last.number} of machine {name!r} runs kernel profile {last.kernel_profile!r}: "
+                        f"the kernel of a running boot cannot change (attach without a profile, or end the boot)"
+                    )
+                running = cls(store, name, mid, mem_bytes, last.id, last.number)
+                running.profile_name = last.kernel_profile
+                return running
             number = 1 if last is None else last.number + 1
-            boot_id = conn.execute(insert(Boot).values(machine_id=mid, number=number).returning(Boot.id)).scalar_one()
+            profile = requested or DEFAULT_PROFILE
+            boot_id = conn.execute(
+                insert(Boot).values(machine_id=mid, number=number, kernel_profile=profile).returning(Boot.id)
+            ).scalar_one()
             machine = cls(store, name, mid, mem_bytes, boot_id, number)
+            machine.profile_name = profile
             if last is not None:
                 tx = Transaction(machine, conn)
                 for hook in BOOT_START_HOOKS:
@@ -201,6 +223,7 @@ class Machine:
         machine = cls(store, name, mid, mem_bytes, last.id if last else 0, last.number if last else 0)
         machine.read_only = True
         machine.boot_end_kind = last.end_kind if last else None
+        machine.profile_name = last.kernel_profile if last else DEFAULT_PROFILE
         return machine
 
     # -- transactions ------------------------------------------------------------
@@ -293,9 +316,13 @@ def _refuse_writes(conn: Connection) -> None:
 
 
 def _memory_and_last_boot(conn: Connection, mid: int) -> tuple[int, Any]:
-    """The machine's memory size and its newest boot row (id, number, end_kind), or None before boot 1."""
+    """The machine's memory size and its newest boot row (id, number, end_kind, kernel_profile), or None
+    before boot 1."""
     mem_bytes = conn.execute(select(MachineRow.mem_bytes).where(MachineRow.id == mid)).scalar_one()
     last = conn.execute(
-        select(Boot.id, Boot.number, Boot.end_kind).where(Boot.machine_id == mid).order_by(Boot.number.desc()).limit(1)
+        select(Boot.id, Boot.number, Boot.end_kind, Boot.kernel_profile)
+        .where(Boot.machine_id == mid)
+        .order_by(Boot.number.desc())
+        .limit(1)
     ).first()
     return mem_bytes, last

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, PlainSerializer
 
@@ -17,6 +17,10 @@ class BootInfo(Report):
     started_at: dt.datetime
     ended_at: dt.datetime | None = None
     end_kind: str | None = None
+    #: the kernel profile the boot ran
+    kernel_profile: str = "lu-v3"
+    #: why the boot discarded the previous boot's handover (it booted as if cold)
+    handover_discarded: str | None = None
 
 
 class MachineStatus(Report):
@@ -80,6 +84,11 @@ class SealReport(Report):
     domains: int
     frames: int
     pages_preserved: int
+    #: the kernel profile that wrote the handover, and the kexec count it recorded
+    kernel_profile: str = "lu-v5"
+    kexec_count: int | None = 1
+    #: the pre-flight against the next kernel's profile (``liveupdate --next``)
+    next: Any = None
 
 
 class HandoverEntryInfo(Report):
@@ -103,6 +112,12 @@ class HandoverReport(Report):
     outgoing: list[HandoverEntryInfo]
     #: frames the previous boot preserved that this boot has not re-claimed
     leaked_frames: int
+    #: this boot's kernel profile
+    kernel_profile: str = "lu-v5"
+    #: why this boot discarded the previous boot's handover (a KHO mismatch: it booted as if cold)
+    discarded: str | None = None
+    #: the previous boot's handover records (KHO root, kexec-metadata, LUO header, FLBs), as JSON
+    incoming_records: dict[str, Any] | None = None
 
 
 class DeviceInfo(Report):

@@ -82,12 +82,14 @@ class Store:
             raise NotFound(f"no machine named {name!r} in {self.url}{hint}")
         return mid
 
-    def machine(self, name: str = DEFAULT_MACHINE) -> Machine:
-        """Attach to the machine's current boot (starting a new boot if the last one ended)."""
+    def machine(self, name: str = DEFAULT_MACHINE, kernel: str | None = None) -> Machine:
+        """Attach to the machine's current boot (starting a new boot if the last one ended), whose
+        kernel runs profile ``kernel`` (``abi/profiles.py``; default ``$IOMMUPT_KERNEL``, else the
+        newest; a running boot keeps its own and refuses another)."""
         from . import liveupdate  # noqa: F401 - registers what a new boot does with the handover
         from .machine import Machine
 
-        return Machine.attach(self, name)
+        return Machine.attach(self, name, kernel)
 
     def observe(self, name: str = DEFAULT_MACHINE) -> Machine:
         """The machine's latest boot for reading only: never starts a boot or writes a row."""
@@ -122,6 +124,8 @@ class Store:
                                 started_at=b.started_at,
                                 ended_at=b.ended_at,
                                 end_kind=b.end_kind,
+                                kernel_profile=b.kernel_profile,
+                                handover_discarded=b.handover_discarded,
                             )
                             for b in boots
                         ],
@@ -135,15 +139,17 @@ def open(
     machine: str = DEFAULT_MACHINE,
     *,
     upgrade: bool = False,
+    kernel: str | None = None,
 ) -> Machine:
     """Open ``machine`` in the store at ``url_or_path`` and attach to its current boot.
 
     A bare path is an SQLite file; a URL goes to SQLAlchemy. Without a location,
     ``$IOMMUPT_DB`` or ``./iommupt.db`` is used. ``upgrade=True`` first brings
-    an older schema to the current revision. The store and the machine must
+    an older schema to the current revision. ``kernel`` names the kernel profile
+    a new boot runs (see ``Store.machine``). The store and the machine must
     exist: ``create`` makes them.
     """
-    return Store(url_or_path, upgrade=upgrade).machine(machine)
+    return Store(url_or_path, upgrade=upgrade).machine(machine, kernel)
 
 
 def create(
@@ -151,6 +157,7 @@ def create(
     machine: str = DEFAULT_MACHINE,
     *,
     mem: int | str = DEFAULT_MEM_BYTES,
+    kernel: str | None = None,
 ) -> Machine:
     """Create ``machine`` with ``mem`` of RAM and attach to its boot 1: a store ready to use in one call.
 
@@ -163,4 +170,4 @@ def create(
     mem_bytes = parse_number(mem) if isinstance(mem, str) else mem  # a bad size creates nothing
     store = Store.init(url_or_path)
     store.create_machine(machine, mem_bytes)
-    return store.machine(machine)
+    return store.machine(machine, kernel)

@@ -76,6 +76,11 @@ VALID = {
     "rev_id": "lab01",
     "expect": "runs.json",
     "max_differences": "5",
+    "kind": "domain",
+    "version": "1",
+    "from_profile": "lu-v5",
+    "to_profile": "lu-v5",
+    "next_profile": "lu-v5",
 }
 
 #: bad values by kind of parameter, and the exit code each kind must give
@@ -188,9 +193,9 @@ def _param_cases() -> Iterator[tuple[str, Case]]:
 
 
 #: commands that never open the database
-NO_DATABASE = {("db", "history"), ("db", "heads"), ("db", "revision")}
+NO_DATABASE = {("db", "history"), ("db", "heads"), ("db", "revision"), ("schema",), ("profiles",), ("compat",)}
 #: commands that never look at --machine (the demo has its own machine)
-IGNORES_MACHINE = {("demo",)} | {
+IGNORES_MACHINE = {("demo",), ("schema",), ("profiles",), ("compat",)} | {
     ("db", name) for name in ("history", "heads", "revision", "current", "stamp", "upgrade", "downgrade")
 }
 #: commands that create a missing database

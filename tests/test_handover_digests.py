@@ -30,9 +30,10 @@ IOVA, PADDR = 0xFFFF800000000000, 0x200000
 
 
 def _preserve_and_seal(db: Path) -> None:
+    """Under lu-v3: what a database from before kernel profiles holds (version-1 descriptors)."""
     with Store(db) as store:
         store.create_machine("m", 64 << 20)
-        machine = store.machine("m")
+        machine = store.machine("m", kernel="lu-v3")
         with machine.transaction() as tx:
             dom = domain_alloc(tx, "x86_64")
             dom.map_range(IOVA, PADDR, 4 << 20)
@@ -48,7 +49,7 @@ def _digests(db: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, ...
 
 def _restore(db: Path) -> int:
     with Store(db) as store:
-        machine = store.machine("m")
+        machine = store.machine("m", kernel="lu-v3")
         with machine.transaction() as tx:
             dom = restore_domain(tx, TOKEN)
             return hardware_walker(tx, dom.id).translate(IOVA + 0x123).phys or 0

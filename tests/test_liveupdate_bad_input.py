@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from iommupt_store.descriptors import DOMAIN_COMPATIBLE
+from iommupt_store.abi.catalogue import SERIES_COMPATIBLE
 from iommupt_store.domains import domain_alloc, get_domain, hardware_walker
 from iommupt_store.errors import (
     AlreadyExists,
@@ -664,7 +664,7 @@ def test_nothing_here_corrupts_the_file(boot_n1: World) -> None:
     w.set_descriptor(TOKEN_A, "$.version", 2)
     restore_refused(w)
     w.set_descriptor(TOKEN_A, "$.version", 1)
-    assert w.descriptor(TOKEN_A)["compatible"] == DOMAIN_COMPATIBLE
+    assert w.descriptor(TOKEN_A)["compatible"] == SERIES_COMPATIBLE
     new = w.tx(lambda tx: restore_domain(tx, TOKEN_A).id)
     with w.machine().transaction() as tx:
         assert hardware_walker(tx, new).translate(SE_UPPER).phys == 0x200000

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from iommupt_store.domains import domain_alloc, frame_counts, get_domain, hardware_walker
-from iommupt_store.errors import NotFound
+from iommupt_store.errors import AlreadyExists, NotFound
 from iommupt_store.liveupdate import (
     handover_report,
     incoming_entries,
@@ -37,7 +37,7 @@ from iommupt_store.liveupdate import (
 from iommupt_store.machine import Machine
 from iommupt_store.memory import FIRST_PFN
 from iommupt_store.store import Store
-from tests.conftest import RunCli, sqlite_dump
+from tests.conftest import RunCli, integrity, sqlite_dump
 
 MACHINE = "lu"
 
@@ -143,7 +143,8 @@ def test_cold_reboot_keeps_nothing(lu_store: Store, lu_db: Path) -> None:
 
 
 def test_unpreserve_domain_is_the_exact_inverse(lu_store: Store, lu_db: Path) -> None:
-    m = lu_store.machine(MACHINE)
+    """Under lu-v3 (series v3): the entry goes. ``test_unpreserve_marks_the_slot_deleted`` is lu-v5's."""
+    m = lu_store.machine(MACHINE, kernel="lu-v3")
     with m.transaction() as tx:
         dom = domain_alloc(tx, "riscv", vasz=39, features=["SIGN_EXTEND", "RISCV_SVNAPOT_64K"])
         dom.map_range(0x10000, 0x10000, 0x30000)
@@ -162,6 +163,35 @@ def test_unpreserve_domain_is_the_exact_inverse(lu_store: Store, lu_db: Path) ->
         get_domain(tx, dom_id).map_range(0x100000, 0x100000, 0x1000)
         preserve_domain(tx, dom_id, 0x42)
     assert _next_boot(m).boot_number == 2
+
+
+def test_unpreserve_marks_the_slot_deleted(lu_store: Store, lu_db: Path) -> None:
+    """lu-v5 (the newest series): the slot stays, DELETED, its token never reused; restore skips it."""
+    m = lu_store.machine(MACHINE)
+    assert m.profile_name == "lu-v5"
+    with m.transaction() as tx:
+        dom = domain_alloc(tx, "x86_64")
+        dom.map_range(0x10000, 0x10000, 0x3000)
+        dom_id = dom.id
+        preserve_domain(tx, dom_id, 0x42)
+    with m.transaction() as tx:
+        assert unpreserve_domain(tx, 0x42) == dom_id
+    ((flags, desc),) = _sql(lu_db, "SELECT flags, descriptor FROM handover_entry WHERE token = 0x42")
+    assert flags == 1 and json.loads(desc)["flags"] == 1
+    assert _sql(lu_db, "SELECT count(*) FROM preservation") == [(0,)]
+    with m.transaction() as tx:
+        with pytest.raises(AlreadyExists, match="DELETED slot"):
+            preserve_domain(tx, dom_id, 0x42)
+        with pytest.raises(NotFound):
+            unpreserve_domain(tx, 0x42)
+        preserve_domain(tx, dom_id, 0x43)
+    liveupdate(m)
+    with lu_store.machine(MACHINE).transaction() as tx:
+        assert [e.token for e in incoming_entries(tx)] == [0x43]
+        with pytest.raises(NotFound):
+            restore_domain(tx, 0x42)
+        assert restore_domain(tx, 0x43).state == "restored"
+    assert integrity(lu_db) == ("ok", [])
 
 
 def test_seal_report_and_outgoing_handover(lu_store: Store) -> None:

@@ -12,9 +12,12 @@ from typing import Any, NoReturn
 
 import click
 
-from ..errors import EXIT_DATAERR, EXIT_FAILURE, EXIT_SOFTWARE, EXIT_TEMPFAIL, EXIT_USAGE
+from ..abi.profiles import DEFAULT as DEFAULT_PROFILE
+from ..abi.profiles import ENV_KERNEL, ENV_PROFILES, choose_process_kernel, get_profile, load_profile_file
+from ..errors import EXIT_DATAERR, EXIT_FAILURE, EXIT_SOFTWARE, EXIT_TEMPFAIL, EXIT_USAGE, IommuptError
 from ..store import DEFAULT_MACHINE, ENV_DB
 from . import guard, render
+from .abi_cmds import COMMANDS as ABI_COMMANDS
 from .common import Context, Group
 from .db_cmds import db, fsck, init, status
 from .domain_cmds import COMMANDS as DOMAIN_COMMANDS
@@ -37,8 +40,8 @@ Exit codes:
 
 \b
 Commands that only look (status, domains, show, translate, verify,
-handover, sessions, devices, device translate, fsck, query, export-image, shell)
-never attach to the machine: they do not start the next boot after a live
+handover, sessions, devices, device translate, fsck, query, export-image, shell,
+schema, profiles, compat) never attach to the machine: they do not start the next boot after a live
 update and write nothing. The others attach to the current boot.
 
 \b
@@ -76,10 +79,24 @@ class RootGroup(Group):
     show_default=True,
     help="Machine (host) in the database to act on.",
 )
+@click.option(
+    "--kernel",
+    metavar="PROFILE",
+    help=f"Kernel profile of a boot this process starts (default ${ENV_KERNEL}, else {DEFAULT_PROFILE}); "
+    "a running boot keeps its own. See 'iommupt-store profiles'.",
+)
+@click.option(
+    "--profiles",
+    "profiles_file",
+    metavar="FILE",
+    help=f"TOML or JSON file of user kernel profiles (default ${ENV_PROFILES}).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or spinners on stderr (shown on a terminal only).")
 @click.version_option(package_name="iommupt-store")
 @click.pass_context
-def cli(ctx: click.Context, db: str | None, machine: str, quiet: bool) -> None:
+def cli(
+    ctx: click.Context, db: str | None, machine: str, kernel: str | None, profiles_file: str | None, quiet: bool
+) -> None:
     """iommupt-store: IOMMU page tables and their live-update preservation, in a database.
 
     A machine's memory, its IOMMU page-table frames (real PTE bytes) and the
@@ -88,14 +105,25 @@ def cli(ctx: click.Context, db: str | None, machine: str, quiet: bool) -> None:
     current boot.
     """
     render.set_quiet(quiet)
-    ctx.obj = Context(db=db, machine_name=machine)
+    choose_process_kernel(None)
+    if profiles_file is not None:
+        load_profile_file(profiles_file)
+    if kernel is not None:
+        try:
+            get_profile(kernel)
+        except IommuptError as e:
+            raise click.BadParameter(str(e).split(": ", 1)[-1], ctx, param_hint="'--kernel'") from None
+    choose_process_kernel(kernel)  # also for commands that attach through the store directly (init)
+    ctx.obj = Context(db=db, machine_name=machine, kernel=kernel)
 
 
 cli.add_command(init)
 cli.add_command(status)
 cli.add_command(db)
 cli.add_command(fsck)
-for _cmd in DOMAIN_COMMANDS + LIVEUPDATE_COMMANDS + SESSION_COMMANDS + INSPECT_COMMANDS + VERIFY_COMMANDS:
+for _cmd in (
+    DOMAIN_COMMANDS + LIVEUPDATE_COMMANDS + SESSION_COMMANDS + INSPECT_COMMANDS + VERIFY_COMMANDS + ABI_COMMANDS
+):
     cli.add_command(_cmd)
 
 

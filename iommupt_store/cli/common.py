@@ -24,6 +24,8 @@ class Context:
 
     db: str | None
     machine_name: str = DEFAULT_MACHINE
+    #: the kernel profile a new boot runs (None: $IOMMUPT_KERNEL, else the newest; a running boot keeps its own)
+    kernel: str | None = None
     _store: Store | None = field(default=None, repr=False)
 
     def store(self) -> Store:
@@ -33,7 +35,7 @@ class Context:
 
     def machine(self) -> Machine:
         """Attach to the current boot (starting boot N+1 after a live update): for commands that change state."""
-        return self.store().machine(self.machine_name)
+        return self.store().machine(self.machine_name, self.kernel)
 
     def observer(self) -> Machine:
         """The machine for reading only: never starts a boot, frees memory or writes a row."""

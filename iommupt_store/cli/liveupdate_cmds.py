@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
 from ..liveupdate import handover_report, liveupdate, preserve_domain, restore_domain, unpreserve_domain
+from ..liveupdate.handover_abi import PreflightRefused
 from ..liveupdate.sessions import preserve_domain_in_session
 from ..names import check_machine_name
 from . import render
+from .abi_cmds import PROFILE, show_report
 from .common import ID, INT, Command, Context, emit_json, json_option, pass_ctx
 
 
@@ -56,25 +59,55 @@ def unpreserve(ctx: Context, token: int, as_json: bool) -> None:
 
 
 @click.command("liveupdate", cls=Command)
+@click.option(
+    "--next",
+    "next_profile",
+    type=PROFILE,
+    metavar="PROFILE",
+    help="Seal only if a kernel of this profile could read what is preserved (pre-flight).",
+)
 @json_option
 @pass_ctx
-def liveupdate_cmd(ctx: Context, as_json: bool) -> None:
+def liveupdate_cmd(ctx: Context, next_profile: str | None, as_json: bool) -> None:
     """Seal this boot's handover and end the boot: the kexec.
 
     Every preserved domain is checked first (frames reachable from the top ==
     frames preserved; bytes unchanged); if one fails nothing changes. The next
     command that opens the machine starts the next boot, where only what was
-    preserved survives.
+    preserved survives. The handover records the kernel profile that wrote it
+    and its kexec-metadata (previous release, kexec count).
+
+    With --next PROFILE the seal first checks what is preserved against that
+    kernel (as 'compat' does for two profiles): when the next kernel could not
+    read it (a cold boot or a panic), nothing is sealed, the report says which
+    objects, which ABI and what would happen, and the exit code is 1.
+
+    
+    Examples:
+      iommupt-store liveupdate
+      iommupt-store liveupdate --next lu-v5 --json
     """
-    with render.progress("checking and sealing the handover"):
-        report = liveupdate(ctx.machine())
+    try:
+        with render.progress("checking and sealing the handover"):
+            report = liveupdate(ctx.machine(), next_profile)
+    except PreflightRefused as e:
+        if as_json:
+            emit_json(e.report)
+        else:
+            show_report(e.report)
+        render.error(e)
+        sys.exit(e.exit_code)
     if as_json:
         emit_json(report)
-    else:
-        render.result(
-            f"boot {report.boot} sealed: {report.domains} domain(s), {report.frames} frame(s) handed over; "
-            "the next process starts a new boot"
-        )
+        return
+    if report.next is not None:
+        show_report(report.next)
+    render.result(
+        f"boot {report.boot} sealed by kernel profile {report.kernel_profile}"
+        + (f" (kexec count {report.kexec_count})" if report.kexec_count is not None else "")
+        + ": "
+        f"{report.domains} domain(s), {report.frames} frame(s) handed over; the next process starts a new boot"
+    )
 
 
 @click.command(cls=Command)
@@ -114,7 +147,7 @@ def _describe(desc: dict[str, object]) -> str:
         return (
             f"{desc['format']} top {desc['top_table_phys']} L{desc['top_level']} vasz {desc['vasz']}"
             + (" sign-extended" if desc.get("sign_extend") else "")
-            + f" (v{desc['version']})"
+            + f" ({desc['compatible']} v{desc['version']})"
         )
     except (KeyError, TypeError):
         return json.dumps(desc, default=str)
@@ -147,6 +180,16 @@ def handover(ctx: Context, as_json: bool) -> None:
             ),
             title=f"boot {report.boot}: {title}",
         )
+    render.result(f"boot {report.boot} runs kernel profile {report.kernel_profile}")
+    rec = report.incoming_records
+    if rec is not None:
+        kexec = rec.get("kexec") or {}
+        render.result(
+            f"incoming handover: KHO {rec.get('compatible')}, written by {rec.get('writer_profile') or 'unknown'}"
+            + (f", exec from {kexec.get('previous_release')} (count {kexec.get('kexec_count')})" if kexec else "")
+        )
+    if report.discarded:
+        render.result(f"incoming handover discarded (booted as if cold): {report.discarded}")
     if report.leaked_frames:
         render.result(
             f"{report.leaked_frames} preserved frame(s) not re-claimed in this boot: "

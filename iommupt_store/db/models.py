@@ -65,6 +65,10 @@ class Boot(Base):
     #: set by the seal of a live update: SHA-256 over the boot's whole handover
     #: (``liveupdate/digests.py``); NULL for a running boot or one ended cold
     handover_digest: Mapped[str | None] = mapped_column(Text(64))
+    #: the kernel profile the boot runs (``abi/profiles.py``); boots from before profiles ran lu-v3
+    kernel_profile: Mapped[str] = mapped_column(Text(32), default="lu-v3", server_default="lu-v3")
+    #: why this boot discarded the previous boot's handover (a KHO mismatch boots as if cold); NULL: it did not
+    handover_discarded: Mapped[str | None] = mapped_column(Text(200))
 
     __table_args__ = (
         UniqueConstraint("machine_id", "number", name="uq_boot_machine_number"),
@@ -202,8 +206,16 @@ class HandoverEntry(Base):
     digest: Mapped[str] = mapped_column(Text(64))
     #: SHA-256 over (pfn, order, content hash) of the frames preserved for the entry's domain
     frames_digest: Mapped[str] = mapped_column(Text(64))
+    #: the catalogue version of ``descriptor`` (``abi/catalogue.py``; not the kernel's own version field)
+    abi_version: Mapped[int] = mapped_column(Int, default=1, server_default="1")
+    #: the object header's flags: DELETED (bit 0: the slot is dead, its token never reused), INCOMING (bit 1)
+    flags: Mapped[int] = mapped_column(Int, default=0, server_default="0")
 
-    __table_args__ = (UniqueConstraint("boot_id", "token", name="uq_handover_entry_boot_token"),)
+    __table_args__ = (
+        UniqueConstraint("boot_id", "token", name="uq_handover_entry_boot_token"),
+        CheckConstraint("abi_version >= 1", name="abi_version_positive"),
+        CheckConstraint("flags >= 0 AND flags <= 3", name="flags_known"),
+    )
 
 
 class LuoSession(Base):
@@ -253,6 +265,83 @@ class Device(Base):
         CheckConstraint("(domain_id IS NULL) = (did IS NULL)", name="attached_has_did"),
         CheckConstraint("did IS NULL OR (did >= 1 AND did <= 65535)", name="did_range"),
     )
+
+
+class KhoRoot(Base):
+    """The KHO root of a boot's handover (``kho-v4``: the root FDT), with what hangs off it directly:
+    the kexec-metadata record and the LUO header. Written by the seal; an imported real handover fits too."""
+
+    __tablename__ = "kho_root"
+
+    id: Mapped[int] = mapped_column(Int, primary_key=True)
+    machine_id: Mapped[int] = mapped_column(ForeignKey("machine.id", ondelete="CASCADE"), index=True)
+    boot_id: Mapped[int] = mapped_column(ForeignKey("boot.id"), unique=True)
+    compatible: Mapped[str] = mapped_column(Text(48))
+    #: physical address of the preserved-memory map (the radix tree's root); NULL where not modelled
+    preserved_memory_map: Mapped[int | None] = mapped_column(U64)
+    #: the kernel profile that wrote it (NULL for an imported handover)
+    writer_profile: Mapped[str | None] = mapped_column(Text(32))
+    #: kexec-metadata: {u32 version; char previous_release[65]; u32 kexec_count}
+    kexec_version: Mapped[int | None] = mapped_column(BigInt)
+    previous_release: Mapped[str | None] = mapped_column(Text(65))
+    kexec_count: Mapped[int | None] = mapped_column(BigInt)
+    #: the LUO header: {compatible; u64 liveupdate_num}
+    luo_compatible: Mapped[str | None] = mapped_column(Text(48))
+    liveupdate_num: Mapped[int | None] = mapped_column(U64)
+
+    __table_args__ = (
+        CheckConstraint("(kexec_version IS NULL) = (kexec_count IS NULL)", name="kexec_metadata_whole"),
+        CheckConstraint("(luo_compatible IS NULL) = (liveupdate_num IS NULL)", name="luo_header_whole"),
+    )
+
+
+class KhoSubnode(Base):
+    """A subnode of the KHO root: a subsystem's blob (``preserved-data``, ``blob-size``)."""
+
+    __tablename__ = "kho_subnode"
+
+    id: Mapped[int] = mapped_column(Int, primary_key=True)
+    machine_id: Mapped[int] = mapped_column(ForeignKey("machine.id", ondelete="CASCADE"), index=True)
+    boot_id: Mapped[int] = mapped_column(ForeignKey("boot.id"), index=True)
+    name: Mapped[str] = mapped_column(Text(64))
+    preserved_data: Mapped[int] = mapped_column(U64)
+    #: NULL before kho-v4, which added it
+    blob_size: Mapped[int | None] = mapped_column(U64)
+    #: a sub-FDT's own compatible (e.g. memblock-v1), if it has one
+    compatible: Mapped[str | None] = mapped_column(Text(48))
+
+    __table_args__ = (UniqueConstraint("boot_id", "name", name="uq_kho_subnode_boot_name"),)
+
+
+class LuoFile(Base):
+    """A file preserved in a LUO session: ``{compatible[48]; u64 data; u64 token}`` (e.g. a memfd)."""
+
+    __tablename__ = "luo_file"
+
+    id: Mapped[int] = mapped_column(Int, primary_key=True)
+    machine_id: Mapped[int] = mapped_column(ForeignKey("machine.id", ondelete="CASCADE"), index=True)
+    boot_id: Mapped[int] = mapped_column(ForeignKey("boot.id"), index=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("luo_session.id"), index=True)
+    compatible: Mapped[str] = mapped_column(Text(48))
+    data: Mapped[int] = mapped_column(U64)
+    token: Mapped[int] = mapped_column(U64)
+
+    __table_args__ = (UniqueConstraint("session_id", "token", name="uq_luo_file_session_token"),)
+
+
+class LuoFlb(Base):
+    """A LUO file-lifecycle-bound object (global per-subsystem data): ``{name[48]; u64 data; u64 count}``."""
+
+    __tablename__ = "luo_flb"
+
+    id: Mapped[int] = mapped_column(Int, primary_key=True)
+    machine_id: Mapped[int] = mapped_column(ForeignKey("machine.id", ondelete="CASCADE"), index=True)
+    boot_id: Mapped[int] = mapped_column(ForeignKey("boot.id"), index=True)
+    name: Mapped[str] = mapped_column(Text(48))
+    data: Mapped[int] = mapped_column(U64)
+    count: Mapped[int] = mapped_column(U64)
+
+    __table_args__ = (UniqueConstraint("boot_id", "name", name="uq_luo_flb_boot_name"),)
 
 
 class MappingRun(Base):

@@ -13,11 +13,11 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
+from ..abi import catalogue
 from ..db.models import Boot, Device, LuoSession
 from ..db.models import Domain as DomainRow
-from ..descriptors import DEVICE_COMPATIBLE, DOMAIN_COMPATIBLE, parse_device_descriptor, parse_domain_descriptor
 from ..devices import parse_bdf
-from ..errors import IommuptError
+from ..errors import BadData, IommuptError
 from .integrity import StoredEntry, handover_problems, read_entries, restore_marker_problems
 from .iommu import descriptor_mismatches, validate_geometry
 from .sessions import preserved_device_mismatches
@@ -74,10 +74,17 @@ def _entry(
     sealed: bool,
 ) -> list[str]:
     problems = restore_marker_problems(conn, e, nxt.id if nxt else None) if sealed else []
+    if e.deleted:
+        return problems  # a DELETED slot: nothing reads it
+    if e.kind in catalogue.KINDS:
+        try:
+            expected = catalogue.compatible_of(e.kind, e.abi_version)
+        except BadData as err:
+            return [*problems, f"{e.where}: {err.args[0]}"]
+        if e.compatible != expected:
+            return [*problems, f"{e.where}: a {e.kind} entry with compatible {e.compatible!r}"]
     if e.kind == "domain":
-        if e.compatible != DOMAIN_COMPATIBLE:
-            return [*problems, f"{e.where}: a domain entry with compatible {e.compatible!r}"]
-        desc = parse_domain_descriptor(e.descriptor, f"descriptor of {e.where}")
+        desc = catalogue.parse_descriptor("domain", e.abi_version, e.descriptor, f"descriptor of {e.where}")
         validate_geometry(desc)
         if e.domain_id is None:
             return [*problems, f"{e.where} names no domain"]
@@ -86,9 +93,7 @@ def _entry(
         return problems
     if e.kind != "device":
         return [*problems, f"{e.where}: kind {e.kind!r} is neither domain nor device"]
-    if e.compatible != DEVICE_COMPATIBLE:
-        return [*problems, f"{e.where}: a device entry with compatible {e.compatible!r}"]
-    dev = parse_device_descriptor(e.descriptor, f"descriptor of {e.where}")
+    dev = catalogue.parse_descriptor("device", e.abi_version, e.descriptor, f"descriptor of {e.where}")
     dom = by_token.get(dev.domain_token)
     if dom is None or dom.kind != "domain" or dom.session_id != e.session_id or e.session_id is None:
         return [*problems, f"{e.where}: its domain token {dev.domain_token:#x} names no domain entry of its session"]

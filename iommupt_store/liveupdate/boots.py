@@ -12,11 +12,13 @@ from __future__ import annotations
 from sqlalchemy import delete, func, select, update
 
 from .. import mappings
+from ..abi import catalogue
+from ..abi.profiles import get_profile
+from ..abi.records import records_json
 from ..crash import crashpoint
+from ..db.models import Boot, HandoverEntry, Page, Preservation
 from ..db.models import Domain as DomainRow
-from ..db.models import HandoverEntry, Page, Preservation
 from ..db.rows import reads_stored_rows
-from ..descriptors import parse_domain_descriptor
 from ..domains import get_domain
 from ..errors import BadData
 from ..machine import BOOT_START_HOOKS, Machine, Transaction
@@ -24,7 +26,8 @@ from ..memory import PAGE_SHIFT
 from ..reports import HandoverEntryInfo, HandoverReport, SealReport
 from . import kho
 from .digests import owner_tag
-from .integrity import handover_problems, seal_handover
+from .handover_abi import PreflightRefused, judge_incoming, preflight, write_seal_records
+from .integrity import LIVE, handover_problems, seal_handover
 from .iommu import descriptor_mismatches, incoming_entries, preservation_problems
 from .sessions import on_boot_start as on_session_boot_start
 from .sessions import seal_sessions
@@ -42,14 +45,14 @@ def check_preserved(tx: Transaction) -> tuple[int, int]:
     """
     h = HandoverEntry
     entries = tx.conn.execute(
-        select(h.token, h.descriptor, h.domain_id)
-        .where(h.boot_id == tx.machine.boot_id, h.kind == "domain")
+        select(h.token, h.descriptor, h.domain_id, h.abi_version)
+        .where(h.boot_id == tx.machine.boot_id, h.kind == "domain", LIVE)
         .order_by(h.token)
     ).all()
     frames = 0
-    for token, raw_desc, domain_id in entries:
+    for token, raw_desc, domain_id, version in entries:
         where = f"token {token:#x}"
-        desc = parse_domain_descriptor(raw_desc, f"descriptor of {where}")
+        desc = catalogue.parse_descriptor("domain", version, raw_desc, f"descriptor of {where}")
         if domain_id is None:
             raise SealRefused(f"{where}: the entry names no domain")
         dom = get_domain(tx, domain_id)
@@ -74,31 +77,58 @@ def check_preserved(tx: Transaction) -> tuple[int, int]:
     return len(entries), frames
 
 
-def liveupdate(machine: Machine) -> SealReport:
-    """Seal the handover and end the boot (the kexec). A failed check changes nothing."""
+def liveupdate(machine: Machine, next_profile: str | None = None) -> SealReport:
+    """Seal the handover and end the boot (the kexec). A failed check changes nothing.
+
+    With ``next_profile``, first check that a kernel of that profile could read what is preserved
+    (``preflight``): if it could not, ``PreflightRefused`` (carrying the report) and nothing changes."""
     with machine.transaction() as tx:
+        report = None
+        if next_profile is not None:
+            report = preflight(tx, get_profile(next_profile))
+            if not report.readable:
+                raise PreflightRefused(report)
         domains, frames = check_preserved(tx)
         seal_sessions(tx)
+        kexec_count = write_seal_records(tx)
         seal_handover(tx.conn, machine.id, machine.boot_id)
         pages = tx.conn.execute(
             select(func.count()).select_from(Preservation).where(Preservation.boot_id == machine.boot_id)
         ).scalar_one()
         crashpoint("seal")
         machine.end_boot(tx, "liveupdate")
-    return SealReport(boot=machine.boot_number, domains=domains, frames=frames, pages_preserved=pages)
+    return SealReport(
+        boot=machine.boot_number,
+        domains=domains,
+        frames=frames,
+        pages_preserved=pages,
+        kernel_profile=machine.profile_name,
+        kexec_count=kexec_count,
+        next=report,
+    )
 
 
 def _on_boot_start(tx: Transaction, prev_number: int, end_kind: str) -> None:
-    """Boot N+1 after a live update: what boot N did not preserve is free memory."""
+    """Boot N+1 after a live update: what boot N did not preserve is free memory.
+
+    The handover is first judged by this boot's kernel profile: one it cannot read panics (nothing
+    starts), one whose KHO root it does not read is discarded and the boot starts as if cold."""
     prev_id, _, _ = kho.previous_boot(tx)
+    mid = tx.machine.id
+    if end_kind == "liveupdate":
+        discarded = judge_incoming(tx, prev_id, prev_number)
+        if discarded is not None:
+            tx.conn.execute(update(Boot).where(Boot.id == tx.machine.boot_id).values(handover_discarded=discarded))
+            _as_if_cold(tx)
+            on_session_boot_start(tx, "cold", prev_id)
+            return
     on_session_boot_start(tx, end_kind, prev_id)
     if end_kind != "liveupdate":
         return  # a cold reboot freed all memory when it happened
-    mid = tx.machine.id
     kept = select(Preservation.pfn).where(Preservation.machine_id == mid, Preservation.boot_id == prev_id)
     tx.conn.execute(delete(Page).where(Page.machine_id == mid, Page.pfn.not_in(kept)))
     handed_over = select(HandoverEntry.domain_id).where(
-        HandoverEntry.boot_id == prev_id, HandoverEntry.domain_id.is_not(None)
+        HandoverEntry.boot_id == prev_id, HandoverEntry.domain_id.is_not(None), LIVE
     )
     tx.conn.execute(
         update(DomainRow)
@@ -107,6 +137,18 @@ def _on_boot_start(tx: Transaction, prev_number: int, end_kind: str) -> None:
     )
     mappings.drop_freed(tx)
     crashpoint("boot_start_hook")
+
+
+def _as_if_cold(tx: Transaction) -> None:
+    """A discarded handover: all memory is free and every domain is gone, as after a cold reboot."""
+    mid = tx.machine.id
+    tx.conn.execute(delete(Page).where(Page.machine_id == mid))
+    tx.conn.execute(
+        update(DomainRow)
+        .where(DomainRow.machine_id == mid, DomainRow.state != "freed")
+        .values(state="freed", top_phys=None)
+    )
+    mappings.drop_freed(tx)
 
 
 BOOT_START_HOOKS.append(_on_boot_start)
@@ -154,7 +196,7 @@ def handover_report(tx: Transaction) -> HandoverReport:
     outgoing = []
     for entry_id, token, compatible, desc, domain_id, kind in tx.conn.execute(
         select(h.id, h.token, h.compatible, h.descriptor, h.domain_id, h.kind)
-        .where(h.boot_id == tx.machine.boot_id)
+        .where(h.boot_id == tx.machine.boot_id, LIVE)
         .order_by(h.token)
     ):
         frames = kho.preserved_by(tx, owner_tag(domain_id)) if kind == "domain" and domain_id is not None else {}
@@ -171,6 +213,13 @@ def handover_report(tx: Transaction) -> HandoverReport:
                 unclaimed_frames=0,
             )
         )
+    discarded = tx.conn.execute(select(Boot.handover_discarded).where(Boot.id == tx.machine.boot_id)).scalar()
     return HandoverReport(
-        boot=tx.machine.boot_number, incoming=incoming, outgoing=outgoing, leaked_frames=leaked_frames
+        boot=tx.machine.boot_number,
+        incoming=incoming,
+        outgoing=outgoing,
+        leaked_frames=leaked_frames,
+        kernel_profile=tx.machine.profile_name,
+        discarded=discarded,
+        incoming_records=records_json(tx.conn, prev) if prev else None,
     )

@@ -11,6 +11,12 @@ Alembic revision that added the digests all compute them the same way.
 - A boot's seal digest covers all of its entries (token and both digests), its
   sessions (id and name) and every preservation record it wrote.
 
+Fields added after the digests were introduced (an entry's catalogue version
+and flags, the boot's kernel profile, the KHO/LUO handover records) are covered
+whenever their value differs from the one every row had before them (version
+1, flags 0, profile lu-v3, no records): handovers sealed earlier keep their
+digests, and any edit of a new field still changes what is hashed.
+
 They detect edits of stored rows after the fact. They are not signatures:
 whoever can write the database can recompute them.
 """
@@ -24,6 +30,8 @@ from typing import Any
 
 #: bump when what the digests cover changes (stored digests then need a migration)
 DIGEST_FORMAT = 1
+#: the kernel profile of every boot stored before profiles existed
+LEGACY_PROFILE = "lu-v3"
 
 
 def owner_tag(domain_id: int) -> str:
@@ -49,9 +57,13 @@ def entry_digest(
     device_id: int | None,
     session_id: int | None,
     session_name: str | None,
+    abi_version: int = 1,
+    flags: int = 0,
 ) -> str:
     return _sha256(
         {
+            **({"abi_version": abi_version} if abi_version != 1 else {}),
+            **({"flags": flags} if flags != 0 else {}),
             "format": DIGEST_FORMAT,
             "machine_id": machine_id,
             "boot_id": boot_id,
@@ -80,11 +92,16 @@ def seal_digest(
     entries: Iterable[tuple[int, str | None, str | None]],
     sessions: Iterable[tuple[int, str]],
     preservations: Iterable[tuple[int, int, str, str]],
+    profile: str = LEGACY_PROFILE,
+    records: Any = None,
 ) -> str:
     """Over a boot's whole handover: entries as (token, digest, frames digest), sessions as (id, name),
-    preservation records as (pfn, order, preserved_by, content hash)."""
+    preservation records as (pfn, order, preserved_by, content hash), the kernel profile and the
+    KHO/LUO records (JSON) when there are any."""
     return _sha256(
         {
+            **({"profile": profile} if profile != LEGACY_PROFILE else {}),
+            **({"records": records} if records is not None else {}),
             "format": DIGEST_FORMAT,
             "boot_id": boot_id,
             "boot": boot_number,

@@ -13,6 +13,8 @@ from typing import Any
 
 from sqlalchemy import Connection, select, update
 
+from ..abi.catalogue import FLAG_DELETED
+from ..abi.records import records_json
 from ..db.models import Boot, HandoverEntry, LuoSession, Preservation
 from ..db.models import Domain as DomainRow
 from ..errors import BadData
@@ -37,6 +39,12 @@ class StoredEntry:
     frames_digest: str
     restored_boot_id: int | None
     restored_domain_id: int | None
+    abi_version: int = 1
+    flags: int = 0
+
+    @property
+    def deleted(self) -> bool:
+        return bool(self.flags & FLAG_DELETED)
 
     @property
     def where(self) -> str:
@@ -44,6 +52,8 @@ class StoredEntry:
 
 
 _ENTRY_COLUMNS = [getattr(HandoverEntry, name) for name in StoredEntry.__dataclass_fields__]
+#: SQL: the entry's slot is live (a DELETED slot stays, so its token is never reused, but nothing reads it)
+LIVE = HandoverEntry.flags.bitwise_and(FLAG_DELETED) == 0
 
 
 def read_entries(conn: Connection, machine_id: int, boot_id: int) -> list[StoredEntry]:
@@ -91,11 +101,15 @@ def compute_digests(
     device_id: int | None = None,
     session_id: int | None = None,
     frames: dict[str, list[tuple[int, int, str]]] | None = None,
+    abi_version: int = 1,
+    flags: int = 0,
 ) -> dict[str, str]:
-    """``digest`` and ``frames_digest`` of an entry with these fields, from the rows as stored now."""
+    """``digest`` and ``frames_digest`` of an entry with these fields, from the rows as stored now
+    (a DELETED slot owns no frames: its domain may be preserved again under another token)."""
     if frames is None:
         frames = _frames(conn, machine_id, boot_id)
-    own = frames.get(owner_tag(domain_id), []) if kind == "domain" and domain_id is not None else []
+    owns_frames = kind == "domain" and not flags & FLAG_DELETED
+    own = frames.get(owner_tag(domain_id), []) if owns_frames and domain_id is not None else []
     session_name = _session_names(conn, boot_id).get(session_id) if session_id is not None else None
     return {
         "digest": entry_digest(
@@ -110,6 +124,8 @@ def compute_digests(
             device_id=device_id,
             session_id=session_id,
             session_name=session_name,
+            abi_version=abi_version,
+            flags=flags,
         ),
         "frames_digest": frames_digest(own),
     }
@@ -128,6 +144,8 @@ def _recompute(conn: Connection, e: StoredEntry, frames: dict[str, list[tuple[in
         device_id=e.device_id,
         session_id=e.session_id,
         frames=frames,
+        abi_version=e.abi_version,
+        flags=e.flags,
     )
 
 
@@ -144,7 +162,13 @@ def _seal(conn: Connection, machine_id: int, boot_id: int, entries: list[StoredE
         entries=[(e.token, e.digest, e.frames_digest) for e in entries],
         sessions=list(_session_names(conn, boot_id).items()),
         preservations=[(pfn, order, who, h) for pfn, order, who, h in kept],
+        profile=_boot_profile(conn, boot_id),
+        records=records_json(conn, boot_id),
     )
+
+
+def _boot_profile(conn: Connection, boot_id: int) -> str:
+    return str(conn.execute(select(Boot.kernel_profile).where(Boot.id == boot_id)).scalar())
 
 
 def handover_problems(conn: Connection, machine_id: int, boot_id: int, *, sealed: bool) -> list[str]:
@@ -161,7 +185,7 @@ def handover_problems(conn: Connection, machine_id: int, boot_id: int, *, sealed
         if now["digest"] != e.digest:
             problems.append(
                 f"{e.where} of boot {number} differs from what was recorded when it was written "
-                "(its token, kind, compatible, descriptor, domain, device or session was edited)"
+                "(its token, kind, compatible, descriptor, version, flags, domain, device or session was edited)"
             )
         if now["frames_digest"] != e.frames_digest:
             problems.append(
@@ -175,7 +199,8 @@ def handover_problems(conn: Connection, machine_id: int, boot_id: int, *, sealed
         elif _seal(conn, machine_id, boot_id, entries) != stored:
             problems.append(
                 f"the handover of boot {number} differs from what its seal recorded "
-                "(an entry, session or preservation record was added, removed or edited)"
+                "(an entry, session, preservation record, the kernel profile, kexec metadata or another KHO/LUO "
+                "record was added, removed or edited)"
             )
     return problems
 

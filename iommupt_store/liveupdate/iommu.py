@@ -22,17 +22,13 @@ from typing import Any
 from sqlalchemy import Connection, delete, insert, select, update
 
 from .. import mappings
+from ..abi import catalogue
+from ..abi.catalogue import FLAG_DELETED, DomainDescriptorV1, DomainDescriptorV2, dump_descriptor
+from ..abi.profiles import read_path
 from ..crash import crashpoint
 from ..db.models import Domain as DomainRow
 from ..db.models import HandoverEntry
 from ..db.rows import reads_stored_rows
-from ..descriptors import (
-    DOMAIN_COMPATIBLE,
-    DomainDescriptorV1,
-    dump_descriptor,
-    parse_device_descriptor,
-    parse_domain_descriptor,
-)
 from ..domains import Domain, domain_alloc, get_domain, stored_geometry
 from ..errors import AlreadyExists, BadData, Busy, InvalidArgument, IommuptError, NotFound, NotPermitted
 from ..formats import get_format
@@ -40,8 +36,8 @@ from ..formats.base import ITEMS_PER_TABLE, EntryType, Feature, item_lg2sz
 from ..machine import Transaction, atomic
 from ..memory import PAGE_SHIFT, PAGE_SIZE
 from . import kho
-from .digests import owner_tag
-from .integrity import StoredEntry, compute_digests, read_entries, restore_marker_problems, verify_handover
+from .digests import frames_digest, owner_tag
+from .integrity import LIVE, StoredEntry, compute_digests, read_entries, restore_marker_problems, verify_handover
 
 MAX_TOKEN = (1 << 64) - 1
 
@@ -72,9 +68,7 @@ def preservation_problems(tx: Transaction, domain_id: int, reachable: set[int], 
 # -- preserve / unpreserve (boot N) --------------------------------------------------------
 @atomic
 @reads_stored_rows
-def preserve_domain(
-    tx: Transaction, domain_id: int, token: int, *, session_id: int | None = None
-) -> DomainDescriptorV1:
+def preserve_domain(tx: Transaction, domain_id: int, token: int, *, session_id: int | None = None) -> Any:
     """Preserve the domain's tables and hand its descriptor over under ``token`` (in a session, if given)."""
     if not 0 <= token <= MAX_TOKEN:
         raise InvalidArgument(f"token {token} is not a u64")
@@ -87,65 +81,115 @@ def preserve_domain(
     if dom.state != "live":
         raise NotFound(f"domain {domain_id} has been freed")
     dup = tx.conn.execute(
-        select(HandoverEntry.kind, HandoverEntry.domain_id).where(
+        select(HandoverEntry.kind, HandoverEntry.domain_id, HandoverEntry.flags).where(
             HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.token == token
         )
     ).first()
     if dup is not None:
+        if dup.flags & FLAG_DELETED:
+            raise AlreadyExists(f"token {token:#x} names a DELETED slot of this boot's handover: it is never reused")
         holder = f"domain {dup.domain_id}" if dup.domain_id is not None else f"a {dup.kind}"
         raise AlreadyExists(f"token {token:#x} is already used in this boot's handover (by {holder})")
     pt = dom.pt
     tables = pt.collect_tables()
     kho.preserve_pages(tx, [(phys >> PAGE_SHIFT, 0) for phys in tables], owner_tag(domain_id), domain_id=domain_id)
     crashpoint("preserve")
-    desc = DomainDescriptorV1(
-        format=dom.format,  # type: ignore[arg-type]
+    version = tx.machine.profile.writes
+    own = kho.preserved_by(tx, owner_tag(domain_id))
+    desc = _domain_descriptor(
+        version,
+        format=dom.format,
         top_table_phys=pt.top_phys,
         top_level=pt.top_level,
         # the width the current top decodes: for a dynamic top the grown width, not the capability
         vasz=pt.range_vasz(),
         sign_extend=pt.sign_extend,
+        oasz_lg2=pt.max_oasz_lg2,
+        features=sorted(f.value for f in pt.features),
+        frames_digest=frames_digest((r.pfn, r.order, r.content_hash) for r in own.values()),
     )
     fields: dict[str, Any] = {
         "machine_id": tx.machine.id,
         "boot_id": tx.machine.boot_id,
         "token": token,
         "kind": "domain",
-        "compatible": DOMAIN_COMPATIBLE,
+        "compatible": catalogue.compatible_of("domain", version),
         "descriptor": dump_descriptor(desc),
         "domain_id": domain_id,
         "session_id": session_id,
+        "abi_version": version,
     }
     tx.conn.execute(insert(HandoverEntry).values(**fields, **compute_digests(tx.conn, **fields)))
     dom.set_state("preserved")
     return desc
 
 
+def _domain_descriptor(version: int, **fields: Any) -> Any:
+    """The descriptor of catalogue ``version`` for a domain: version 1 and 2 are built, a user's
+    version is converted from version 2 through its registered converters."""
+    v1_fields = {k: fields[k] for k in ("format", "top_table_phys", "top_level", "vasz", "sign_extend")}
+    if version == 1:
+        return DomainDescriptorV1(**v1_fields)
+    v2 = DomainDescriptorV2(**fields)
+    if version == 2:
+        return v2
+    path = catalogue.conversion_path("domain", 2, {version})
+    if path is None:
+        raise InvalidArgument(
+            f"the kernel profile writes domain descriptor version {version}: no converter leads there"
+        )
+    return catalogue.convert("domain", path, dump_descriptor(v2), "the new domain descriptor")
+
+
 @atomic
 @reads_stored_rows
 def unpreserve_domain(tx: Transaction, token: int) -> int:
-    """Undo ``preserve_domain`` for the entry with ``token``; returns the domain id."""
+    """Undo ``preserve_domain`` for the entry with ``token``; returns the domain id.
+
+    A version-1 entry (series v3) is removed; a later version's slot stays, flagged DELETED, and its
+    token is never reused in this boot (the newest series)."""
     row = tx.conn.execute(
         select(HandoverEntry.id, HandoverEntry.domain_id).where(
-            HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.token == token
+            HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.token == token, LIVE
         )
     ).first()
     if row is None or row.domain_id is None:
         raise NotFound(f"no domain is preserved under token {token:#x} in this boot")
     users = tx.conn.execute(
-        select(HandoverEntry.descriptor).where(
-            HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.kind == "device"
+        select(HandoverEntry.descriptor, HandoverEntry.abi_version).where(
+            HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.kind == "device", LIVE
         )
-    ).scalars()
-    if any(parse_device_descriptor(d).domain_token == token for d in users):
+    ).all()
+    if any(catalogue.parse_descriptor("device", v, d).domain_token == token for d, v in users):
         raise Busy(f"a preserved device uses the domain under token {token:#x}: close its session instead")
     dom = get_domain(tx, row.domain_id)
     tables = dom.pt.collect_tables()
     kho.unpreserve_pages(tx, [(phys >> PAGE_SHIFT, 0) for phys in tables], owner_tag(dom.id))
     crashpoint("unpreserve")
-    tx.conn.execute(delete(HandoverEntry).where(HandoverEntry.id == row.id))
+    drop_entry(tx, row.id)
     dom.set_state("live")
     return dom.id
+
+
+def drop_entry(tx: Transaction, entry_id: int) -> None:
+    """Take an entry out of this boot's handover: a version-1 entry is removed, a later one is
+    flagged DELETED (in its row and its descriptor's header), leaves its session and is re-digested."""
+    h = HandoverEntry
+    e = tx.conn.execute(select(h.__table__).where(h.id == entry_id)).mappings().one()
+    if e["abi_version"] == 1:
+        tx.conn.execute(delete(h).where(h.id == entry_id))
+        return
+    desc = dict(e["descriptor"]) if isinstance(e["descriptor"], dict) else e["descriptor"]
+    if isinstance(desc, dict) and "flags" in desc:
+        desc["flags"] = int(desc["flags"]) | FLAG_DELETED
+    fields: dict[str, Any] = {
+        k: e[k] for k in ("machine_id", "boot_id", "token", "kind", "compatible", "domain_id", "device_id")
+    }
+    fields.update(descriptor=desc, session_id=None, abi_version=e["abi_version"], flags=e["flags"] | FLAG_DELETED)
+    digests = compute_digests(tx.conn, **fields)
+    tx.conn.execute(
+        update(h).where(h.id == entry_id).values(descriptor=desc, session_id=None, flags=fields["flags"], **digests)
+    )
 
 
 def _require_own_boot(tx: Transaction, dom: Domain, op: str) -> None:
@@ -161,7 +205,7 @@ def incoming_entries(tx: Transaction) -> list[StoredEntry]:
         prev = kho.incoming_boot_id(tx)
     except NotFound:
         return []
-    return read_entries(tx.conn, tx.machine.id, prev)
+    return [e for e in read_entries(tx.conn, tx.machine.id, prev) if not e.deleted]
 
 
 def _find_incoming(tx: Transaction, token: int) -> IncomingEntry:
@@ -182,7 +226,7 @@ def _find_incoming(tx: Transaction, token: int) -> IncomingEntry:
     raise NotFound(f"the previous boot handed nothing over under token {token:#x}")
 
 
-def validate_geometry(desc: DomainDescriptorV1) -> None:
+def validate_geometry(desc: Any) -> None:
     fmt = get_format(desc.format)
     if desc.top_level > fmt.max_top_level:
         raise BadData(f"descriptor top_level {desc.top_level} exceeds {fmt.name}'s maximum {fmt.max_top_level}")
@@ -199,7 +243,7 @@ def validate_geometry(desc: DomainDescriptorV1) -> None:
 
 
 def _walk_preserved(
-    tx: Transaction, desc: DomainDescriptorV1, preserved: dict[int, kho.PreservedPage], old_domain: int
+    tx: Transaction, desc: Any, preserved: dict[int, kho.PreservedPage], old_domain: int
 ) -> list[tuple[int, int]]:
     """The preserved tables reachable from the descriptor's top, pre-order, as (pfn, level).
 
@@ -252,7 +296,7 @@ GEOMETRY_FIELDS = ("format", "top_table_phys", "top_level", "vasz", "sign_extend
 def descriptor_mismatches(
     conn: Connection,
     machine_id: int,
-    desc: DomainDescriptorV1,
+    desc: Any,
     domain_id: int,
     fields: tuple[str, ...] = GEOMETRY_FIELDS,
 ) -> list[str]:
@@ -284,7 +328,7 @@ def _shown(value: object) -> str:
 
 
 def _check_against_old_domain(
-    tx: Transaction, desc: DomainDescriptorV1, domain_id: int, token: int, fields: tuple[str, ...] = GEOMETRY_FIELDS
+    tx: Transaction, desc: Any, domain_id: int, token: int, fields: tuple[str, ...] = GEOMETRY_FIELDS
 ) -> None:
     """The descriptor must describe the domain whose frames it hands over, field by field: the same
     frames under another format, top, level, VA size or sign extension translate other IOVAs."""
@@ -315,15 +359,32 @@ def _check_restorable(tx: Transaction, prev: int, entry: StoredEntry) -> None:
         raise
 
 
-def _checked_handover(
-    tx: Transaction, prev: int, entry: StoredEntry
-) -> tuple[DomainDescriptorV1, int, list[tuple[int, int]]]:
+def read_descriptor(tx: Transaction, entry: StoredEntry) -> Any:
+    """The entry's descriptor as this boot's kernel profile reads it: natively, or converted to a
+    version it reads (a scripted migration of the serialization format, run at restore)."""
+    token = entry.token
+    what = f"descriptor of token {token:#x}"
+    try:
+        expected = catalogue.compatible_of(entry.kind, entry.abi_version)
+    except BadData as e:
+        raise BadData(f"handover entry {token:#x}: {e}") from None
+    if entry.compatible != expected:
+        raise BadData(f"handover entry {token:#x} has compatible {entry.compatible!r}: no handler for it")
+    profile = tx.machine.profile
+    path = read_path(profile, entry.kind, entry.abi_version)
+    if path is None:
+        raise BadData(
+            f"handover entry {token:#x} is a version-{entry.abi_version} {entry.kind} descriptor, which kernel "
+            f"profile {profile.name!r} neither reads nor converts"
+        )
+    return catalogue.read_along(entry.kind, path, entry.descriptor, what)
+
+
+def _checked_handover(tx: Transaction, prev: int, entry: StoredEntry) -> tuple[Any, int, list[tuple[int, int]]]:
     """The entry's descriptor, old domain and preserved tables (pfn, level), once everything that
     describes them is proven to be what the previous boot recorded."""
     token = entry.token
-    if entry.compatible != DOMAIN_COMPATIBLE:
-        raise BadData(f"handover entry {token:#x} has compatible {entry.compatible!r}: no handler for it")
-    desc = parse_domain_descriptor(entry.descriptor, f"descriptor of token {token:#x}")
+    desc = read_descriptor(tx, entry)
     validate_geometry(desc)
     if entry.domain_id is None:
         raise BadData(f"handover entry {token:#x} names no domain")

@@ -134,6 +134,9 @@ def incoming_boot_id(tx: Transaction) -> int:
     boot_id, number, end_kind = previous_boot(tx)
     if end_kind != "liveupdate":
         raise NotFound(f"boot {number} ended with a {end_kind or 'missing'} reboot: it handed nothing over")
+    discarded = tx.conn.execute(select(Boot.handover_discarded).where(Boot.id == tx.machine.boot_id)).scalar()
+    if discarded is not None:
+        raise NotFound(f"this boot discarded the handover of boot {number} and booted as if cold: {discarded}")
     return boot_id
 
 

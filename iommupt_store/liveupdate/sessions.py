@@ -17,16 +17,12 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, update
 
+from ..abi import catalogue
+from ..abi.catalogue import DeviceDescriptorV1, DeviceDescriptorV2, dma_owner_token, dump_descriptor
+from ..abi.profiles import read_path
 from ..crash import crashpoint
 from ..db.models import Boot, Device, HandoverEntry, LuoSession
 from ..db.rows import reads_stored_rows, required
-from ..descriptors import (
-    DEVICE_COMPATIBLE,
-    DeviceDescriptorV1,
-    DomainDescriptorV1,
-    dump_descriptor,
-    parse_device_descriptor,
-)
 from ..devices import bdf_fields, get_device, reattach_restored
 from ..errors import AlreadyExists, BadData, Busy, InvalidArgument, NotFound, NotPermitted
 from ..machine import Transaction, atomic
@@ -34,8 +30,8 @@ from ..names import SESSION_NAME_BYTES, check_session_name
 from ..reports import FinishReport, SessionInfo
 from . import kho
 from .digests import owner_tag
-from .integrity import compute_digests, verify_handover
-from .iommu import preserve_domain, unpreserve_domain
+from .integrity import LIVE, compute_digests, verify_handover
+from .iommu import drop_entry, preserve_domain, unpreserve_domain
 
 MAX_NAME_BYTES = SESSION_NAME_BYTES
 SESSION_STATES = ("open", "sealed", "retrieved", "finished", "discarded")
@@ -97,7 +93,7 @@ def create_session(tx: Transaction, name: str) -> None:
 
 
 @atomic
-def preserve_domain_in_session(tx: Transaction, name: str, domain_id: int, token: int) -> DomainDescriptorV1:
+def preserve_domain_in_session(tx: Transaction, name: str, domain_id: int, token: int) -> Any:
     session = _outgoing(tx, name)
     if session["state"] != "open":
         raise NotPermitted(f"session {name!r} is {session['state']}")
@@ -105,7 +101,7 @@ def preserve_domain_in_session(tx: Transaction, name: str, domain_id: int, token
 
 
 @atomic
-def preserve_device(tx: Transaction, name: str, bdf: str, token: int) -> DeviceDescriptorV1:
+def preserve_device(tx: Transaction, name: str, bdf: str, token: int) -> Any:
     """Preserve a device's attachment in a session; its domain must be preserved in the same session."""
     session = _outgoing(tx, name)
     if session["state"] != "open":
@@ -116,19 +112,21 @@ def preserve_device(tx: Transaction, name: str, bdf: str, token: int) -> DeviceD
     h = HandoverEntry
     dom_entry = tx.conn.execute(
         select(h.token, h.session_id).where(
-            h.boot_id == tx.machine.boot_id, h.kind == "domain", h.domain_id == dev["domain_id"]
+            h.boot_id == tx.machine.boot_id, h.kind == "domain", h.domain_id == dev["domain_id"], LIVE
         )
     ).first()
     if dom_entry is None or dom_entry.session_id != session["id"]:
         raise InvalidArgument(
             f"device {dev['bdf']}'s domain {dev['domain_id']} is not preserved in session {name!r}: preserve it first"
         )
-    if tx.conn.execute(select(h.id).where(h.boot_id == tx.machine.boot_id, h.device_id == dev["id"])).first():
+    if tx.conn.execute(select(h.id).where(h.boot_id == tx.machine.boot_id, h.device_id == dev["id"], LIVE)).first():
         raise AlreadyExists(f"device {dev['bdf']} is already preserved")
     if tx.conn.execute(select(h.id).where(h.boot_id == tx.machine.boot_id, h.token == token)).first():
         raise AlreadyExists(f"token {token:#x} is already used in this boot's handover")
     segment, bus, devfn = bdf_fields(dev["bdf"])
-    desc = DeviceDescriptorV1(
+    version = tx.machine.profile.writes
+    desc = _device_descriptor(
+        version,
         segment=segment,
         bus=bus,
         devfn=devfn,
@@ -140,14 +138,39 @@ def preserve_device(tx: Transaction, name: str, bdf: str, token: int) -> DeviceD
         "machine_id": tx.machine.id,
         "boot_id": tx.machine.boot_id,
         "token": token,
-        "compatible": DEVICE_COMPATIBLE,
+        "compatible": catalogue.compatible_of("device", version),
         "descriptor": dump_descriptor(desc),
         "kind": "device",
         "device_id": dev["id"],
         "session_id": session["id"],
+        "abi_version": version,
     }
     tx.conn.execute(insert(HandoverEntry).values(**fields, **compute_digests(tx.conn, **fields)))
     return desc
+
+
+def _device_descriptor(version: int, **fields: Any) -> Any:
+    """The device descriptor of catalogue ``version`` (a user's version through converters from 2)."""
+    if version == 1:
+        return DeviceDescriptorV1(**fields)
+    v2 = DeviceDescriptorV2(**fields, dma_owner_token=dma_owner_token(fields["owner"]))
+    if version == 2:
+        return v2
+    path = catalogue.conversion_path("device", 2, {version})
+    if path is None:
+        raise InvalidArgument(
+            f"the kernel profile writes device descriptor version {version}: no converter leads there"
+        )
+    return catalogue.convert("device", path, dump_descriptor(v2), "the new device descriptor")
+
+
+def incoming_device_descriptor(tx: Transaction, raw: Any, version: int, token: int) -> Any:
+    """A device descriptor of the previous boot as this boot's profile reads it (converted if need be)."""
+    what = f"descriptor of device entry {token:#x}"
+    path = read_path(tx.machine.profile, "device", version)
+    if path is None:
+        raise BadData(f"{what}: version {version}, which kernel profile {tx.machine.profile_name!r} cannot read")
+    return catalogue.read_along("device", path, raw, what)
 
 
 @atomic
@@ -158,12 +181,12 @@ def close_session(tx: Transaction, name: str) -> int:
         raise NotPermitted(f"session {name!r} is {session['state']} and can no longer be closed")
     h = HandoverEntry
     entries = sorted(
-        tx.conn.execute(select(h.id, h.token, h.kind).where(h.session_id == session["id"])).all(),
+        tx.conn.execute(select(h.id, h.token, h.kind).where(h.session_id == session["id"], LIVE)).all(),
         key=lambda e: (e.kind != "device", e.token),
     )
     for entry_id, token, kind in entries:  # devices first, then their domains
         if kind == "device":
-            tx.conn.execute(delete(h).where(h.id == entry_id))
+            drop_entry(tx, entry_id)
         else:
             unpreserve_domain(tx, token)
     crashpoint("session_close")
@@ -174,13 +197,15 @@ def close_session(tx: Transaction, name: str) -> int:
 def seal_sessions(tx: Transaction) -> None:
     """At the seal: every open session is frozen and handed over; device attachments must be intact."""
     h = HandoverEntry
-    for token, desc_raw, device_id in tx.conn.execute(
-        select(h.token, h.descriptor, h.device_id).where(h.boot_id == tx.machine.boot_id, h.kind == "device")
+    for token, desc_raw, device_id, version in tx.conn.execute(
+        select(h.token, h.descriptor, h.device_id, h.abi_version).where(
+            h.boot_id == tx.machine.boot_id, h.kind == "device", LIVE
+        )
     ):
-        desc = parse_device_descriptor(desc_raw, f"descriptor of token {token:#x}")
+        desc = catalogue.parse_descriptor("device", version, desc_raw, f"descriptor of token {token:#x}")
         dev = tx.conn.execute(select(Device.domain_id, Device.did).where(Device.id == device_id)).first()
         dom_entry = tx.conn.execute(
-            select(h.domain_id).where(h.boot_id == tx.machine.boot_id, h.token == desc.domain_token)
+            select(h.domain_id).where(h.boot_id == tx.machine.boot_id, h.token == desc.domain_token, LIVE)
         ).first()
         if dev is None or dom_entry is None or (dev.domain_id, dev.did) != (dom_entry.domain_id, desc.did):
             from .boots import SealRefused
@@ -243,12 +268,17 @@ def reattach_devices(tx: Transaction, session_id: int, domain_token: int, domain
     """After a domain's restore: its preserved devices now go through the restored domain."""
     h = HandoverEntry
     done = []
-    for entry_id, token, desc_raw, device_id, old_domain in tx.conn.execute(
-        select(h.id, h.token, h.descriptor, h.device_id, dom_entry_domain(h.boot_id, h.session_id, domain_token)).where(
-            h.session_id == session_id, h.kind == "device"
-        )
+    for entry_id, token, desc_raw, device_id, old_domain, version in tx.conn.execute(
+        select(
+            h.id,
+            h.token,
+            h.descriptor,
+            h.device_id,
+            dom_entry_domain(h.boot_id, h.session_id, domain_token),
+            h.abi_version,
+        ).where(h.session_id == session_id, h.kind == "device", LIVE)
     ).all():
-        desc = parse_device_descriptor(desc_raw, f"descriptor of device entry {token:#x}")
+        desc = incoming_device_descriptor(tx, desc_raw, version, token)
         if desc.domain_token != domain_token:
             continue
         problems = preserved_device_mismatches(tx.conn, tx.machine.id, device_id, desc, old_domain)
@@ -265,13 +295,19 @@ def dom_entry_domain(boot_id: Any, session_id: Any, token: int) -> Any:
     d = HandoverEntry.__table__.alias("dom_entry")
     return (
         select(d.c.domain_id)
-        .where(d.c.boot_id == boot_id, d.c.session_id == session_id, d.c.token == token, d.c.kind == "domain")
+        .where(
+            d.c.boot_id == boot_id,
+            d.c.session_id == session_id,
+            d.c.token == token,
+            d.c.kind == "domain",
+            d.c.flags.bitwise_and(catalogue.FLAG_DELETED) == 0,
+        )
         .scalar_subquery()
     )
 
 
 def preserved_device_mismatches(
-    conn: Connection, machine_id: int, device_id: int | None, desc: DeviceDescriptorV1, old_domain: int | None
+    conn: Connection, machine_id: int, device_id: int | None, desc: Any, old_domain: int | None
 ) -> list[str]:
     """How a device row differs from the attachment its (not yet re-made) preserved entry describes:
     the same PCI address and owner, still on the preserved domain with the preserved DID."""
@@ -392,7 +428,7 @@ def on_boot_start(tx: Transaction, end_kind: str, prev_id: int) -> None:
         .values(state="discarded")
     )
     preserved_devices = select(HandoverEntry.device_id).where(
-        HandoverEntry.boot_id == prev_id, HandoverEntry.device_id.is_not(None)
+        HandoverEntry.boot_id == prev_id, HandoverEntry.device_id.is_not(None), LIVE
     )
     q = update(Device).where(Device.machine_id == mid)
     if end_kind == "liveupdate":
