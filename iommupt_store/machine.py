@@ -19,7 +19,6 @@ from sqlalchemy import Connection, delete, insert, select, update
 
 from .boot_history import check_boot_history
 from .crash import crashpoint
-from .db.engine import translate_db_errors
 from .db.models import Boot, Domain, Page
 from .db.models import Machine as MachineRow
 from .errors import InvalidArgument, KernelGone, NotPermitted
@@ -156,7 +155,7 @@ class Machine:
 
     @classmethod
     def attach(cls, store: Store, name: str) -> Machine:
-        with translate_db_errors(store.url), store.writer.begin() as conn:
+        with store.begin() as conn:
             mid = store.machine_id(conn, name)
             lock_machine_row(conn, mid)
             # read after the lock: a process that started the new boot while we waited has committed it
@@ -184,10 +183,9 @@ class Machine:
         shows the ended boot and what it handed over. A machine that never booted
         is observed as boot 0, which owns nothing.
         """
-        with translate_db_errors(store.url), store.engine.connect() as conn:
+        with store.begin(write=False, read_only=True) as conn:
             mid = store.machine_id(conn, name)
             mem_bytes, last = _memory_and_last_boot(conn, mid)
-            conn.rollback()
         machine = cls(store, name, mid, mem_bytes, last.id if last else 0, last.number if last else 0)
         machine.read_only = True
         machine.boot_end_kind = last.end_kind if last else None
@@ -214,27 +212,18 @@ class Machine:
         self._check_alive()
         if write and self.read_only:
             raise NotPermitted(f"machine {self.name!r} is open for inspection only: this command cannot change it")
-        engine = self.store.writer if write else self.store.engine
-        with translate_db_errors(self.store.url), engine.connect() as conn:
-            with conn.begin() as dbtx:
-                if write:
-                    lock_machine_row(conn, self.id)
-                if self.read_only:
-                    _refuse_writes(conn)
-                else:
-                    self._check_current(conn)
-                tx = Transaction(self, conn)
-                yield tx
-                if write:
-                    tx.flush()
-                    crashpoint("before_commit")
-                else:
-                    dbtx.rollback()
-            if self.read_only and conn.dialect.name == "sqlite":
-                conn.exec_driver_sql("PRAGMA query_only = OFF")  # a pooled (in-memory) connection lives on
-                conn.rollback()
-            for fn in tx.after_commit:
-                fn()
+        with self.store.begin(write=write, read_only=self.read_only) as conn:
+            if write:
+                lock_machine_row(conn, self.id)
+            if not self.read_only:
+                self._check_current(conn)
+            tx = Transaction(self, conn)
+            yield tx
+            if write:
+                tx.flush()
+                crashpoint("before_commit")
+        for fn in tx.after_commit:
+            fn()
 
     def end_boot(self, tx: Transaction, kind: str) -> None:
         """Mark the current boot ended; this object refuses everything afterwards."""
@@ -265,14 +254,6 @@ class Machine:
             if m.name == self.name:
                 return m
         raise AssertionError("machine vanished")  # pragma: no cover
-
-
-def _refuse_writes(conn: Connection) -> None:
-    """Belt and braces for observers: the database itself refuses any write."""
-    if conn.dialect.name == "sqlite":
-        conn.exec_driver_sql("PRAGMA query_only = ON")
-    elif conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("SET TRANSACTION READ ONLY")
 
 
 def _memory_and_last_boot(conn: Connection, mid: int) -> tuple[int, Any]:

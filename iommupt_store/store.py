@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, func, insert, select
 
 from .db import migrate
+from .db.connection import SharedConnection
 from .db.engine import DEFAULT_DB, make_engine, resolve_url, translate_db_errors, writer
 from .db.models import Boot, Page
 from .db.models import Machine as MachineRow
@@ -39,16 +42,23 @@ def check_mem_bytes(mem_bytes: int) -> int:
 
 
 class Store:
-    """One database. Cheap to create; holds an engine and nothing else."""
+    """One database, and this process's one connection to it (see ``db.connection``).
+
+    Every transaction of the store and of its machines reuses that connection,
+    one transaction at a time: use a Store from one thread at a time (a
+    transaction begun while another is open gets a connection of its own).
+    ``close()`` closes the connection; a forked child opens its own.
+    """
 
     def __init__(self, url_or_path: str | os.PathLike[str] | None = None, *, upgrade: bool = False) -> None:
         self.url = resolve_url(url_or_path if url_or_path is not None else default_location())
         # only init/upgrade may create a new SQLite file; anything else on a missing file is NotFound
         self.engine: Engine = make_engine(self.url, create=upgrade)
         self.writer: Engine = writer(self.engine)
+        self._shared = SharedConnection(self.engine)
         if upgrade:
             migrate.upgrade(self.url)
-        with translate_db_errors(self.url), self.engine.connect() as conn:
+        with self.begin(write=False) as conn:
             migrate.check_revision(conn, self.url)
 
     @classmethod
@@ -56,7 +66,19 @@ class Store:
         """Create the schema if the database is new (or upgrade it), then open it."""
         return cls(url_or_path, upgrade=True)
 
+    @contextlib.contextmanager
+    def begin(self, *, write: bool = True, read_only: bool = False) -> Iterator[Connection]:
+        """A database transaction on this process's connection, with driver errors translated.
+
+        ``write``: take the write lock up front and commit when the block exits
+        normally; otherwise the transaction is rolled back. ``read_only``: the
+        database itself refuses writes (for observers).
+        """
+        with translate_db_errors(self.url), self._shared.begin(write=write, read_only=read_only) as conn:
+            yield conn
+
     def close(self) -> None:
+        self._shared.close()
         self.engine.dispose()
 
     def __enter__(self) -> Store:
@@ -69,7 +91,7 @@ class Store:
     def create_machine(self, name: str = DEFAULT_MACHINE, mem_bytes: int = DEFAULT_MEM_BYTES) -> None:
         check_machine_name(name)
         check_mem_bytes(mem_bytes)
-        with translate_db_errors(self.url), self.writer.begin() as conn:
+        with self.begin() as conn:
             if conn.execute(select(MachineRow.id).where(MachineRow.name == name)).first():
                 raise AlreadyExists(f"machine {name!r} already exists")
             conn.execute(insert(MachineRow).values(name=name, mem_bytes=mem_bytes, page_size=PAGE_SIZE))
@@ -97,7 +119,7 @@ class Store:
         return Machine.observe(self, name)
 
     def status(self) -> StoreStatus:
-        with translate_db_errors(self.url), self.engine.connect() as conn:
+        with self.begin(write=False) as conn:
             machines = conn.execute(select(MachineRow.__table__).order_by(MachineRow.name)).all()
             result = []
             for row in machines:

@@ -30,6 +30,8 @@ class Context:
     def store(self) -> Store:
         if self._store is None:
             self._store = Store(self.db)
+            # closed when the command ends, also when it runs in-process (a caller's process lives on)
+            click.get_current_context().find_root().call_on_close(self._store.close)
         return self._store
 
     def machine(self) -> Machine:

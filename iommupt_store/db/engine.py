@@ -96,13 +96,18 @@ def make_engine(url: str, *, foreign_keys: bool = True, create: bool = True) -> 
     path = sqlite_path(url)
     if path is None and parse_url(url).get_backend_name() != "sqlite":
         try:
-            return create_engine(url, pool_pre_ping=True)
+            # NullPool: a Store keeps its own connection (one per process); a pool would only let a
+            # forked child pick up its parent's socket
+            return create_engine(url, poolclass=NullPool)
         except ImportError as e:  # a known dialect whose driver is not installed
             raise InvalidArgument(f"{shown_url(url)} needs a database driver that is not installed ({e})") from None
     if path is not None:
         _prepare_sqlite_file(path, create)
-    # NullPool: each process opens its own connection; nothing survives a fork.
-    engine = create_engine(url, poolclass=NullPool if path else None)
+    # NullPool: a Store keeps its own connection and reopens it after a fork. Any thread may use it,
+    # one at a time (the Store hands it to one transaction at a time).
+    engine = create_engine(
+        url, poolclass=NullPool if path else None, connect_args={"check_same_thread": False} if path else {}
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: sqlite3.Connection, _rec: Any) -> None:
