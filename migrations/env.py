@@ -45,7 +45,9 @@ def run_migrations_online() -> None:
     if isinstance(given, Connection):
         _run(given)
         return
-    engine = given if isinstance(given, Engine) else create_engine(str(config.get_main_option("sqlalchemy.url")))
+    engine = (
+        given if isinstance(given, Engine) else create_engine(str(config.get_main_option("sqlalchemy.url")))
+    )
     with engine.connect() as connection:
         _run(connection)
         connection.commit()

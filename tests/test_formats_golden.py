@@ -65,7 +65,9 @@ def test_get_format_unknown_lists_known() -> None:
     ],
     ids=lambda v: getattr(v, "name", None),
 )
-def test_class_constants(fmt: PageTableFormat, va: int, oa: int, top: int, sw: int | None, dirty: bool) -> None:
+def test_class_constants(
+    fmt: PageTableFormat, va: int, oa: int, top: int, sw: int | None, dirty: bool
+) -> None:
     assert (fmt.max_va_lg2, fmt.max_oa_lg2, fmt.max_top_level) == (va, oa, top)
     assert (fmt.max_sw_bit, fmt.has_dirty) == (sw, dirty)
 

@@ -92,7 +92,9 @@ class Fixture:
         """The top level after check_all_levels mapped the highest VA."""
         if not self.dynamic:
             return self.geo.top_level
-        return max(lvl for lvl in range(self.fmt.max_top_level + 1) if item_lg2sz(lvl) < self.geo.max_vasz_lg2)
+        return max(
+            lvl for lvl in range(self.fmt.max_top_level + 1) if item_lg2sz(lvl) < self.geo.max_vasz_lg2
+        )
 
     def top_range_vasz(self, top: int) -> int:
         """``_pt_top_range``: DYNAMIC_TOP caps the width to what ``top`` decodes."""
