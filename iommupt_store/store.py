@@ -11,10 +11,13 @@ from sqlalchemy import Connection, Engine, func, insert, select
 
 from .db import migrate
 from .db.connection import SharedConnection
-from .db.engine import DEFAULT_DB, make_engine, resolve_url, translate_db_errors, writer
+from .db.engine import make_engine, resolve_url, translate_db_errors, writer
 from .db.models import Boot, Page
 from .db.models import Machine as MachineRow
 from .errors import AlreadyExists, InvalidArgument, NotFound
+from .locations import DEFAULT_MACHINE as DEFAULT_MACHINE
+from .locations import ENV_DB as ENV_DB
+from .locations import default_location as default_location
 from .memory import PAGE_SIZE
 from .names import check_machine_name
 from .reports import BootInfo, MachineStatus, StoreStatus
@@ -23,15 +26,8 @@ from .units import parse_number
 if TYPE_CHECKING:
     from .machine import Machine
 
-DEFAULT_MACHINE = "default"
 DEFAULT_MEM_BYTES = 64 << 30
 MAX_MEM_BYTES = 1 << 52  # the widest OA any supported format can address
-ENV_DB = "IOMMUPT_DB"
-
-
-def default_location() -> str:
-    """``$IOMMUPT_DB`` if set, else ``./iommupt.db``."""
-    return os.environ.get(ENV_DB) or DEFAULT_DB
 
 
 def check_mem_bytes(mem_bytes: int) -> int:
@@ -56,10 +52,14 @@ class Store:
         self.engine: Engine = make_engine(self.url, create=upgrade)
         self.writer: Engine = writer(self.engine)
         self._shared = SharedConnection(self.engine)
-        if upgrade:
-            migrate.upgrade(self.url)
-        with self.begin(write=False) as conn:
-            migrate.check_revision(conn, self.url)
+        try:
+            if upgrade:
+                migrate.upgrade(self.url)
+            with self.begin(write=False) as conn:
+                migrate.check_revision(conn, self.url)
+        except BaseException:
+            self.close()  # a refused database keeps no connection (nor its -wal and -shm files) open
+            raise
 
     @classmethod
     def init(cls, url_or_path: str | os.PathLike[str] | None = None) -> Store:

@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import IommuptError
-from ..formats.base import Prot
-from ..machine import Machine
-from ..store import DEFAULT_MACHINE, Store
+from ..locations import DEFAULT_MACHINE
 from ..units import I64_MAX, U64_MAX, parse_number
 from .guard import fail
-from .render import emit_json
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+    from ..store import Store
+    from .render import emit_json
 
 __all__ = ["emit_json"]
+
+
+def __getattr__(name: str) -> Any:
+    # the command modules take emit_json from here; rendering (rich, pydantic) loads with the first of them
+    if name == "emit_json":
+        from .render import emit_json
+
+        return emit_json
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -29,6 +40,8 @@ class Context:
 
     def store(self) -> Store:
         if self._store is None:
+            from ..store import Store
+
             self._store = Store(self.db)
             # closed when the command ends, also when it runs in-process (a caller's process lives on)
             click.get_current_context().find_root().call_on_close(self._store.close)
@@ -111,15 +124,8 @@ INT = Number(U64_MAX)
 #: a row id (SQL BIGINT)
 ID = Number(I64_MAX)
 
-PROT_LETTERS = {
-    "r": Prot.READ,
-    "w": Prot.WRITE,
-    "c": Prot.CACHE,
-    "x": 0,  # executable is the default; the letter only says so
-    "n": Prot.NOEXEC,
-    "m": Prot.MMIO,
-    "p": Prot.PRIV,
-}
+#: permission letter -> the name of its ``Prot`` flag ("x", executable, is the default: no flag)
+PROT_LETTERS = {"r": "READ", "w": "WRITE", "c": "CACHE", "x": None, "n": "NOEXEC", "m": "MMIO", "p": "PRIV"}
 
 
 class ProtParam(click.ParamType):  # type: ignore[type-arg]
@@ -135,9 +141,13 @@ class ProtParam(click.ParamType):  # type: ignore[type-arg]
         if unknown or not text:
             shown = ", ".join(repr(ch) for ch in unknown) or "none"
             self.fail(f"unknown permission letter(s) {shown} in {text!r}: use r, w, c, x, n, m, p", param, ctx)
+        from ..formats.base import Prot  # the page-table formats: only when a command takes permissions
+
         prot = 0
         for ch in text:
-            prot |= PROT_LETTERS[ch]
+            flag = PROT_LETTERS[ch]
+            if flag is not None:
+                prot |= Prot[flag]
         return prot
 
 

@@ -17,7 +17,6 @@ from sqlalchemy.pool import NullPool
 
 from ..errors import InvalidArgument, NotFound, SchemaError, StoreBusy, StoreUnavailable
 
-DEFAULT_DB = "iommupt.db"
 BUSY_TIMEOUT_MS = 30_000
 
 
