@@ -99,11 +99,14 @@ def _transaction(conn: Connection, write: bool, read_only: bool, query_only: boo
     """``query_only``: the connection's SQLite ``query_only`` flag as it stands (None: a connection of
     its own, whose flag is switched off again at the end)."""
     sqlite = conn.dialect.name == "sqlite"
+    if sqlite and read_only != bool(query_only):
+        # before BEGIN: a query-only connection refuses BEGIN IMMEDIATE
+        conn.execution_options(sqlite_begin="DEFERRED")
+        conn.exec_driver_sql(f"PRAGMA query_only = {'ON' if read_only else 'OFF'}")
+        conn.rollback()  # ends the transaction the statement began
     conn.execution_options(sqlite_begin="IMMEDIATE" if write else "DEFERRED")
     with conn.begin() as dbtx:
-        if sqlite and read_only != bool(query_only):
-            conn.exec_driver_sql(f"PRAGMA query_only = {'ON' if read_only else 'OFF'}")
-        elif read_only and conn.dialect.name == "postgresql":
+        if read_only and conn.dialect.name == "postgresql":
             conn.exec_driver_sql("SET TRANSACTION READ ONLY")
         try:
             yield
