@@ -97,7 +97,11 @@ def make_engine(url: str, *, foreign_keys: bool = True, create: bool = True) -> 
         try:
             # NullPool: a Store keeps its own connection (one per process); a pool would only let a
             # forked child pick up its parent's socket
-            return create_engine(url, poolclass=NullPool)
+            # synchronous_commit=off, like SQLite's WAL + synchronous=NORMAL: no fsync wait per commit; a
+            # crash of the server may lose the last commits, never consistency (see README)
+            # (unless the URL sets its own server options)
+            options = {} if "options" in parse_url(url).query else {"options": "-c synchronous_commit=off"}
+            return create_engine(url, poolclass=NullPool, connect_args=options)
         except ImportError as e:  # a known dialect whose driver is not installed
             raise InvalidArgument(f"{shown_url(url)} needs a database driver that is not installed ({e})") from None
     if path is not None:
