@@ -21,7 +21,6 @@ from .abi.profiles import DEFAULT as DEFAULT_PROFILE
 from .abi.profiles import KernelProfile, get_profile, requested_profile
 from .boot_history import check_boot_history
 from .crash import crashpoint
-from .db.engine import translate_db_errors
 from .db.models import Boot, Domain, Page
 from .db.models import Machine as MachineRow
 from .errors import InvalidArgument, KernelGone, NotPermitted
@@ -176,7 +175,7 @@ class Machine:
         """Attach to the current boot, or start the next one under kernel profile ``kernel``
         (default ``$IOMMUPT_KERNEL``, else the newest). A running boot keeps its profile."""
         requested = requested_profile(kernel)
-        with translate_db_errors(store.url), store.writer.begin() as conn:
+        with store.begin() as conn:
             mid = store.machine_id(conn, name)
             lock_machine_row(conn, mid)
             # read after the lock: a process that started the new boot while we waited has committed it
@@ -216,10 +215,9 @@ class Machine:
         shows the ended boot and what it handed over. A machine that never booted
         is observed as boot 0, which owns nothing.
         """
-        with translate_db_errors(store.url), store.engine.connect() as conn:
+        with store.begin(write=False, read_only=True) as conn:
             mid = store.machine_id(conn, name)
             mem_bytes, last = _memory_and_last_boot(conn, mid)
-            conn.rollback()
         machine = cls(store, name, mid, mem_bytes, last.id if last else 0, last.number if last else 0)
         machine.read_only = True
         machine.boot_end_kind = last.end_kind if last else None
@@ -247,34 +245,25 @@ class Machine:
         self._check_alive()
         if write and self.read_only:
             raise NotPermitted(f"machine {self.name!r} is open for inspection only: this command cannot change it")
-        engine = self.store.writer if write else self.store.engine
-        with translate_db_errors(self.store.url), engine.connect() as conn:
-            with conn.begin() as dbtx:
-                if write:
-                    lock_machine_row(conn, self.id)
-                if self.read_only:
-                    _refuse_writes(conn)
-                else:
-                    self._check_current(conn)
-                tx = Transaction(self, conn)
-                try:
-                    yield tx
-                    if write:
-                        tx.flush()
-                        crashpoint("before_commit")
-                    else:
-                        dbtx.rollback()
-                except BaseException:
-                    tx.close()
-                    raise
-            if self.read_only and conn.dialect.name == "sqlite":
-                conn.exec_driver_sql("PRAGMA query_only = OFF")  # a pooled (in-memory) connection lives on
-                conn.rollback()
+        with self.store.begin(write=write, read_only=self.read_only) as conn:
+            if write:
+                lock_machine_row(conn, self.id)
+            if not self.read_only:
+                self._check_current(conn)
+            tx = Transaction(self, conn)
             try:
-                for fn in tx.after_commit:
-                    fn()
-            finally:
+                yield tx
+                if write:
+                    tx.flush()
+                    crashpoint("before_commit")
+            except BaseException:
                 tx.close()
+                raise
+        try:
+            for fn in tx.after_commit:
+                fn()
+        finally:
+            tx.close()
 
     def end_boot(self, tx: Transaction, kind: str) -> None:
         """Mark the current boot ended; this object refuses everything afterwards."""
@@ -305,14 +294,6 @@ class Machine:
             if m.name == self.name:
                 return m
         raise AssertionError("machine vanished")  # pragma: no cover
-
-
-def _refuse_writes(conn: Connection) -> None:
-    """Belt and braces for observers: the database itself refuses any write."""
-    if conn.dialect.name == "sqlite":
-        conn.exec_driver_sql("PRAGMA query_only = ON")
-    elif conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("SET TRANSACTION READ ONLY")
 
 
 def _memory_and_last_boot(conn: Connection, mid: int) -> tuple[int, Any]:

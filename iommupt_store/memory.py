@@ -23,14 +23,13 @@ from sqlalchemy import (
     Connection,
     Table,
     bindparam,
-    delete,
     func,
-    insert,
     or_,
     select,
     update,
 )
 
+from .db.bulk import delete_in, execute_many, insert_rows
 from .db.models import Page
 from .errors import InvalidArgument, NotFound, OutOfMemory
 
@@ -454,24 +453,15 @@ class Memory:
                 else:
                     row[c] = page.meta[c]
             updates.setdefault(frozenset(cols), []).append(row)
-        for i in range(0, len(deletes), _CHUNK):
-            self.conn.execute(
-                delete(_PAGES).where(_PAGES.c.machine_id == self.machine_id, _PAGES.c.pfn.in_(deletes[i : i + _CHUNK]))
-            )
+        delete_in(self.conn, _PAGES, _PAGES.c.pfn, deletes, _PAGES.c.machine_id == self.machine_id)
         for changed, rows in updates.items():
             stmt = (
                 update(_PAGES)
                 .where(_PAGES.c.machine_id == self.machine_id, _PAGES.c.pfn == bindparam("b_pfn"))
                 .values({c: bindparam(c) for c in changed})
             )
-            self.conn.execute(stmt, rows)
-        if inserts:
-            # group by key set: executemany needs identical keys
-            by_keys: dict[frozenset[str], list[dict[str, Any]]] = {}
-            for r in inserts:
-                by_keys.setdefault(frozenset(r), []).append(r)
-            for rows in by_keys.values():
-                self.conn.execute(insert(_PAGES), rows)
+            execute_many(self.conn, stmt, rows)
+        insert_rows(self.conn, _PAGES, inserts)
         written = len(inserts) + sum(len(r) for r in updates.values()) + len(deletes)
         for pfn in [p for p, pg in self._cache.items() if pg.freed]:
             del self._cache[pfn]

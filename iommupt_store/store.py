@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, func, insert, select
 
 from .db import migrate
-from .db.engine import DEFAULT_DB, make_engine, resolve_url, translate_db_errors, writer
+from .db.connection import SharedConnection
+from .db.engine import make_engine, resolve_url, translate_db_errors, writer
 from .db.models import Boot, Page
 from .db.models import Machine as MachineRow
 from .errors import AlreadyExists, InvalidArgument, NotFound
+from .locations import DEFAULT_MACHINE as DEFAULT_MACHINE
+from .locations import ENV_DB as ENV_DB
+from .locations import default_location as default_location
 from .memory import PAGE_SIZE
 from .names import check_machine_name
 from .reports import BootInfo, MachineStatus, StoreStatus
@@ -20,15 +26,8 @@ from .units import parse_number
 if TYPE_CHECKING:
     from .machine import Machine
 
-DEFAULT_MACHINE = "default"
 DEFAULT_MEM_BYTES = 64 << 30
 MAX_MEM_BYTES = 1 << 52  # the widest OA any supported format can address
-ENV_DB = "IOMMUPT_DB"
-
-
-def default_location() -> str:
-    """``$IOMMUPT_DB`` if set, else ``./iommupt.db``."""
-    return os.environ.get(ENV_DB) or DEFAULT_DB
 
 
 def check_mem_bytes(mem_bytes: int) -> int:
@@ -39,24 +38,47 @@ def check_mem_bytes(mem_bytes: int) -> int:
 
 
 class Store:
-    """One database. Cheap to create; holds an engine and nothing else."""
+    """One database, and this process's one connection to it (see ``db.connection``).
+
+    Every transaction of the store and of its machines reuses that connection,
+    one transaction at a time: use a Store from one thread at a time (a
+    transaction begun while another is open gets a connection of its own).
+    ``close()`` closes the connection; a forked child opens its own.
+    """
 
     def __init__(self, url_or_path: str | os.PathLike[str] | None = None, *, upgrade: bool = False) -> None:
         self.url = resolve_url(url_or_path if url_or_path is not None else default_location())
         # only init/upgrade may create a new SQLite file; anything else on a missing file is NotFound
         self.engine: Engine = make_engine(self.url, create=upgrade)
         self.writer: Engine = writer(self.engine)
-        if upgrade:
-            migrate.upgrade(self.url)
-        with translate_db_errors(self.url), self.engine.connect() as conn:
-            migrate.check_revision(conn, self.url)
+        self._shared = SharedConnection(self.engine)
+        try:
+            if upgrade:
+                migrate.upgrade(self.url)
+            with self.begin(write=False) as conn:
+                migrate.check_revision(conn, self.url)
+        except BaseException:
+            self.close()  # a refused database keeps no connection (nor its -wal and -shm files) open
+            raise
 
     @classmethod
     def init(cls, url_or_path: str | os.PathLike[str] | None = None) -> Store:
         """Create the schema if the database is new (or upgrade it), then open it."""
         return cls(url_or_path, upgrade=True)
 
+    @contextlib.contextmanager
+    def begin(self, *, write: bool = True, read_only: bool = False) -> Iterator[Connection]:
+        """A database transaction on this process's connection, with driver errors translated.
+
+        ``write``: take the write lock up front and commit when the block exits
+        normally; otherwise the transaction is rolled back. ``read_only``: the
+        database itself refuses writes (for observers).
+        """
+        with translate_db_errors(self.url), self._shared.begin(write=write, read_only=read_only) as conn:
+            yield conn
+
     def close(self) -> None:
+        self._shared.close()
         self.engine.dispose()
 
     def __enter__(self) -> Store:
@@ -69,7 +91,7 @@ class Store:
     def create_machine(self, name: str = DEFAULT_MACHINE, mem_bytes: int = DEFAULT_MEM_BYTES) -> None:
         check_machine_name(name)
         check_mem_bytes(mem_bytes)
-        with translate_db_errors(self.url), self.writer.begin() as conn:
+        with self.begin() as conn:
             if conn.execute(select(MachineRow.id).where(MachineRow.name == name)).first():
                 raise AlreadyExists(f"machine {name!r} already exists")
             conn.execute(insert(MachineRow).values(name=name, mem_bytes=mem_bytes, page_size=PAGE_SIZE))
@@ -99,7 +121,7 @@ class Store:
         return Machine.observe(self, name)
 
     def status(self) -> StoreStatus:
-        with translate_db_errors(self.url), self.engine.connect() as conn:
+        with self.begin(write=False) as conn:
             machines = conn.execute(select(MachineRow.__table__).order_by(MachineRow.name)).all()
             result = []
             for row in machines:

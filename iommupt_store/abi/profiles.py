@@ -32,10 +32,9 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import InvalidArgument, IommuptError
+from ..locations import DEFAULT_PROFILE, ENV_KERNEL, ENV_PROFILES
 from . import catalogue
 
-ENV_KERNEL = "IOMMUPT_KERNEL"
-ENV_PROFILES = "IOMMUPT_PROFILES"
 ENTRY_POINT_GROUP = "iommupt_store.abi"
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,31}$")]
@@ -128,7 +127,7 @@ SHIPPED: dict[str, KernelProfile] = {
         ),
     )
 }
-DEFAULT = "lu-v5"
+DEFAULT = DEFAULT_PROFILE
 #: profiles of loaded files, by name, with the file each came from
 _USER: dict[str, tuple[KernelProfile, str]] = {}
 _LOADED: set[str] = set()

@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import IommuptError
-from ..machine import Machine
-from ..store import DEFAULT_MACHINE, Store
+from ..locations import DEFAULT_MACHINE
 from ..units import I64_MAX, U64_MAX, parse_number, parse_prot
 from .guard import fail
-from .render import emit_json
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+    from ..store import Store
+    from .render import emit_json
 
 __all__ = ["emit_json"]
+
+
+def __getattr__(name: str) -> Any:
+    # the command modules take emit_json from here; rendering (rich, pydantic) loads with the first of them
+    if name == "emit_json":
+        from .render import emit_json
+
+        return emit_json
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -30,7 +42,11 @@ class Context:
 
     def store(self) -> Store:
         if self._store is None:
+            from ..store import Store
+
             self._store = Store(self.db)
+            # closed when the command ends, also when it runs in-process (a caller's process lives on)
+            click.get_current_context().find_root().call_on_close(self._store.close)
         return self._store
 
     def machine(self) -> Machine:

@@ -18,15 +18,20 @@ from typing import Any, NoReturn
 import click
 
 from ..errors import EXIT_FAILURE, EXIT_SOFTWARE, EXIT_USAGE, IommuptError
-from . import render
 
 #: exit status of a process ended by Ctrl-C, as shells report it
 EXIT_INTERRUPTED = 130
 INTERNAL_ERROR = "internal error"
 
 
+def _error(message: IommuptError | str) -> None:
+    from . import render  # rich: only when there is something to say
+
+    render.error(message)
+
+
 def fail(err: IommuptError) -> NoReturn:
-    render.error(err)
+    _error(err)
     sys.exit(err.exit_code)
 
 
@@ -45,13 +50,13 @@ def run(main: Callable[[], Any]) -> NoReturn:
         fail(e)
     except click.UsageError as e:
         hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-        render.error(f"usage: {e.format_message()}{hint}")
+        _error(f"usage: {e.format_message()}{hint}")
         sys.exit(EXIT_USAGE)
     except click.ClickException as e:
-        render.error(e.format_message())
+        _error(e.format_message())
         sys.exit(e.exit_code)
     except click.Abort:
-        render.error("interrupted")
+        _error("interrupted")
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         # the reader went away (e.g. '| head'): stop quietly, and keep Python from complaining at exit
@@ -61,6 +66,6 @@ def run(main: Callable[[], Any]) -> NoReturn:
     except Exception as e:  # last resort: a bug, reported in one line
         if os.environ.get("IOMMUPT_DEBUG"):
             traceback.print_exc()
-        render.error(f"{INTERNAL_ERROR} (a bug in iommupt-store): {type(e).__name__}: {e}")
+        _error(f"{INTERNAL_ERROR} (a bug in iommupt-store): {type(e).__name__}: {e}")
         sys.exit(EXIT_SOFTWARE)
     sys.exit(rv if isinstance(rv, int) else 0)

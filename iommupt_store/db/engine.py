@@ -17,7 +17,6 @@ from sqlalchemy.pool import NullPool
 
 from ..errors import InvalidArgument, NotFound, SchemaError, StoreBusy, StoreUnavailable
 
-DEFAULT_DB = "iommupt.db"
 BUSY_TIMEOUT_MS = 30_000
 
 
@@ -96,13 +95,22 @@ def make_engine(url: str, *, foreign_keys: bool = True, create: bool = True) -> 
     path = sqlite_path(url)
     if path is None and parse_url(url).get_backend_name() != "sqlite":
         try:
-            return create_engine(url, pool_pre_ping=True)
+            # NullPool: a Store keeps its own connection (one per process); a pool would only let a
+            # forked child pick up its parent's socket
+            # synchronous_commit=off, like SQLite's WAL + synchronous=NORMAL: no fsync wait per commit; a
+            # crash of the server may lose the last commits, never consistency (see README)
+            # (unless the URL sets its own server options)
+            options = {} if "options" in parse_url(url).query else {"options": "-c synchronous_commit=off"}
+            return create_engine(url, poolclass=NullPool, connect_args=options)
         except ImportError as e:  # a known dialect whose driver is not installed
             raise InvalidArgument(f"{shown_url(url)} needs a database driver that is not installed ({e})") from None
     if path is not None:
         _prepare_sqlite_file(path, create)
-    # NullPool: each process opens its own connection; nothing survives a fork.
-    engine = create_engine(url, poolclass=NullPool if path else None)
+    # NullPool: a Store keeps its own connection and reopens it after a fork. Any thread may use it,
+    # one at a time (the Store hands it to one transaction at a time).
+    engine = create_engine(
+        url, poolclass=NullPool if path else None, connect_args={"check_same_thread": False} if path else {}
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: sqlite3.Connection, _rec: Any) -> None:

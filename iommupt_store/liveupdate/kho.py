@@ -12,8 +12,9 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, select, update
 
+from ..db.bulk import insert_rows
 from ..db.models import Boot, Preservation
 from ..errors import AlreadyExists, BadData, InvalidArgument, NotFound, NotPermitted
 from ..machine import Transaction, atomic
@@ -95,7 +96,7 @@ def preserve_pages(
             }
             for pfn in batch
         ]
-        tx.conn.execute(insert(Preservation), rows)
+        insert_rows(tx.conn, Preservation.__table__, rows)  # type: ignore[arg-type]
 
 
 @atomic
