@@ -81,11 +81,11 @@ def test_downgrade_names_what_it_drops_then_upgrade_again(db_path: Path) -> None
     _seal(db_path, "lu-v5", 0x7, unpreserved=0x8)
     assert _would_lose(url) == [
         "2 handover entries with descriptors of a version other than 1",
-        "the kernel profile of 1 boot(s) not running lu-v3",
+        "the kernel profile of 1 boot(s) that wrote a handover not as lu-v3",
         "1 KHO root(s) with kexec metadata and LUO header",
         "1 LUO FLB(s)",
     ]
-    migrate.downgrade(url, "0006")
+    migrate.downgrade(url, "0006", force=True)
     assert sql(db_path, "SELECT count(*) FROM handover_entry") == [(0,)]
     tables = {r[0] for r in sql(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert not tables & {"kho_root", "kho_subnode", "luo_file", "luo_flb"}

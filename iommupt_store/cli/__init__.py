@@ -28,7 +28,11 @@ COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
         "compat_cmd",
         "Can a handover written under kernel profile FROM be read under TO?",
     ),
-    "db": ("db_cmds", "db", "Schema revisions (Alembic): upgrade, downgrade, current, history."),
+    "db": (
+        "db_cmds",
+        "db",
+        "Schema revisions (Alembic): upgrade, downgrade, stamp, current, heads, history, revision.",
+    ),
     "demo": ("liveupdate_cmds", "demo", "Run a whole live update across two real processes and check it."),
     "device": (
         "session_cmds",

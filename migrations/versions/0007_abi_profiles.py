@@ -36,6 +36,7 @@ entry = sa.table(
     sa.column("id", sa.Integer),
     sa.column("abi_version", sa.Integer),
     sa.column("flags", sa.Integer),
+    sa.column("boot_id", sa.Integer),
 )
 RECORD_TABLES = ("luo_flb", "luo_file", "kho_subnode", "kho_root")
 
@@ -131,11 +132,14 @@ def would_lose(conn: sa.Connection) -> list[str]:
     ).scalar_one()
     if deleted:
         out.append(f"{deleted} handover entr{'y' if deleted == 1 else 'ies'} with flags set (DELETED slots)")
+    # a profile matters where a handover was written under it; a boot that preserved nothing loses nothing
     profiled = conn.execute(
-        sa.select(sa.func.count()).select_from(boot).where(boot.c.kernel_profile != "lu-v3")
+        sa.select(sa.func.count())
+        .select_from(boot)
+        .where(boot.c.kernel_profile != "lu-v3", sa.exists().where(entry.c.boot_id == boot.c.id))
     ).scalar_one()
     if profiled:
-        out.append(f"the kernel profile of {profiled} boot(s) not running lu-v3")
+        out.append(f"the kernel profile of {profiled} boot(s) that wrote a handover not as lu-v3")
     for name, what in (
         ("kho_root", "KHO root(s) with kexec metadata and LUO header"),
         ("kho_subnode", "KHO subnode(s)"),
