@@ -161,8 +161,8 @@ def register() -> None:
 def test_a_user_version_through_a_profile_file_plugin(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_path: Path
 ) -> None:
-    (tmp_path / "abi_plugin_v7.py").write_text(PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "abi_plugin_v7.py").write_text(PLUGIN)  # next to the profile file: found without PYTHONPATH
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the loader appends the file's directory
     kernels = tmp_path / "kernels.json"
     kernels.write_text(
         json.dumps(
@@ -173,6 +173,7 @@ def test_a_user_version_through_a_profile_file_plugin(
         )
     )
     [p] = load_profile_file(kernels)
+    assert sys.path[-1] == str(tmp_path.resolve())  # searched last: it hides no installed module
     assert get_profile("lu-v7") == p and catalogue.versions("domain")[-1] == 7
     assert compat(SHIPPED["lu-v5"], p).outcome == "converted"
     assert compat(p, SHIPPED["lu-v5"]).outcome == "panic"
