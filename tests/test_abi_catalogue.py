@@ -197,6 +197,17 @@ def test_a_user_version_through_a_profile_file_plugin(
     conn.close()
 
 
+def test_schema_shows_a_version_from_a_plugin_next_to_its_profile_file(run_cli: Any, tmp_path: Path) -> None:
+    lab = tmp_path / "lab"  # not the process's working directory, nor on PYTHONPATH
+    lab.mkdir()
+    (lab / "abi_plugin_v7.py").write_text(PLUGIN)
+    (lab / "kernels.toml").write_text('plugins = ["abi_plugin_v7:register"]\n')
+    listed = run_cli("--profiles", str(lab / "kernels.toml"), "schema", "--list", db=None)
+    assert listed.returncode == 0 and "domain 7" in listed.stdout.split("\n"), listed.stderr
+    proc = run_cli("schema", "domain", "7", db=None, env={"IOMMUPT_PROFILES": str(lab / "kernels.toml")})
+    assert proc.returncode == 0 and "numa_node" in json.loads(proc.stdout)["properties"], proc.stderr
+
+
 def test_entry_point_plugins_run_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
