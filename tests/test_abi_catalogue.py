@@ -161,8 +161,8 @@ def register() -> None:
 def test_a_user_version_through_a_profile_file_plugin(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_path: Path
 ) -> None:
-    (tmp_path / "abi_plugin_v7.py").write_text(PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "abi_plugin_v7.py").write_text(PLUGIN)  # next to the profile file: found without PYTHONPATH
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the loader appends the file's directory
     kernels = tmp_path / "kernels.json"
     kernels.write_text(
         json.dumps(
@@ -173,6 +173,7 @@ def test_a_user_version_through_a_profile_file_plugin(
         )
     )
     [p] = load_profile_file(kernels)
+    assert sys.path[-1] == str(tmp_path.resolve())  # searched last: it hides no installed module
     assert get_profile("lu-v7") == p and catalogue.versions("domain")[-1] == 7
     assert compat(SHIPPED["lu-v5"], p).outcome == "converted"
     assert compat(p, SHIPPED["lu-v5"]).outcome == "panic"
@@ -194,6 +195,17 @@ def test_a_user_version_through_a_profile_file_plugin(
     conn = sqlite3.connect(db_path)
     assert conn.execute("SELECT abi_version FROM handover_entry WHERE token = 6").fetchall() == [(7,)]
     conn.close()
+
+
+def test_schema_shows_a_version_from_a_plugin_next_to_its_profile_file(run_cli: Any, tmp_path: Path) -> None:
+    lab = tmp_path / "lab"  # not the process's working directory, nor on PYTHONPATH
+    lab.mkdir()
+    (lab / "abi_plugin_v7.py").write_text(PLUGIN)
+    (lab / "kernels.toml").write_text('plugins = ["abi_plugin_v7:register"]\n')
+    listed = run_cli("--profiles", str(lab / "kernels.toml"), "schema", "--list", db=None)
+    assert listed.returncode == 0 and "domain 7" in listed.stdout.split("\n"), listed.stderr
+    proc = run_cli("schema", "domain", "7", db=None, env={"IOMMUPT_PROFILES": str(lab / "kernels.toml")})
+    assert proc.returncode == 0 and "numa_node" in json.loads(proc.stdout)["properties"], proc.stderr
 
 
 def test_entry_point_plugins_run_once(monkeypatch: pytest.MonkeyPatch) -> None:

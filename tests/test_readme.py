@@ -10,7 +10,9 @@ them one after the other), each block in its own shell, each line checked:
 * nothing ever prints a traceback.
 
 A ```python block announced as a file (a line ending in ```name.py`:``) is
-written to that file first, so the shell examples can run it.
+written to that file first, so the shell examples can run it. A quoted
+here-document (``cat > FILE <<'EOF'`` up to ``EOF``) is one command, its body
+kept as written (comments too).
 
 Some things cannot run as they would for a reader: ``pip install`` (the package
 under test is already installed in this environment, from this checkout; the
@@ -46,6 +48,8 @@ _BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 _FILE_INTRO = re.compile(r"`([\w.-]+\.py)`:\s*$")
 _PRINTS = re.compile(r"^prints\s+(\S+?)[,:;.]?(?:\s|$)")
 _ERRNO = re.compile(r"^(E[A-Z0-9]+):")
+#: a quoted here-document's delimiter: its body is written as it is, so the reader's file is the test's
+_HEREDOC = re.compile(r"<<-?\s*'(\w+)'")
 
 #: shell functions standing in for what cannot run here (see the module docstring)
 PRELUDE = """
@@ -111,13 +115,27 @@ def readme_blocks(text: str) -> tuple[list[list[Line]], dict[str, str]]:
             if before and (named := _FILE_INTRO.search(before[-1])):
                 files[named[1]] = body
         elif lang == "sh":
-            lines = []
-            for raw in body.replace("\\\n", " ").splitlines():
-                command, comment = split_comment(raw)
-                if command:
-                    lines.append(Line(len(blocks), command, comment))
-            blocks.append(lines)
+            blocks.append(_sh_lines(body, len(blocks)))
     return blocks, files
+
+
+def _sh_lines(body: str, block: int) -> list[Line]:
+    """A block's commands; a here-document (``cat > f <<'EOF'`` ... ``EOF``) is one command with its body."""
+    lines: list[Line] = []
+    raw_lines = iter(body.replace("\\\n", " ").splitlines())
+    for raw in raw_lines:
+        command, comment = split_comment(raw)
+        if not command:
+            continue
+        if heredoc := _HEREDOC.search(command):
+            body_lines = []
+            for inner in raw_lines:
+                body_lines.append(inner)
+                if inner == heredoc[1]:
+                    break
+            command = "\n".join([command, *body_lines])
+        lines.append(Line(block, command, comment))
+    return lines
 
 
 def test_the_readme_has_examples_to_run() -> None:
@@ -132,6 +150,11 @@ def test_split_comment() -> None:
     assert split_comment("a 'b # c' d  # e f") == ("a 'b # c' d", "e f")
     assert split_comment("# only a comment") == ("", "only a comment")
     assert split_comment("x#y") == ("x#y", "")
+
+
+def test_a_here_document_is_one_command() -> None:
+    [lines] = readme_blocks("```sh\ncat > a.py <<'EOF'\nx = 1  # kept\n\nEOF\npython a.py  # prints 1\n```\n")[0]
+    assert [ln.command for ln in lines] == ["cat > a.py <<'EOF'\nx = 1  # kept\n\nEOF", "python a.py"]
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ registered converters). ``lu-v3`` and ``lu-v5`` model two real kernels; users
 add their own in a TOML or JSON file (``--profiles`` / ``$IOMMUPT_PROFILES``)::
 
     plugins = ["mypkg.abi:register"]   # optional: zero-argument callables that register versions
+                                       # (importable, or a module next to this file)
 
     [profiles.lu-v5-reads-v1]
     base = "lu-v5"          # inherit every field not given
@@ -23,6 +24,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 import tomllib
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -141,11 +143,17 @@ def _one_line(err: ValidationError, where: str) -> str:
     return f"{where}: field {loc}: {e['msg']}{more}"
 
 
-def run_plugin(spec: str, where: str) -> None:
-    """Call ``module:function`` (a zero-argument callable that registers versions and converters)."""
+def run_plugin(spec: str, where: str, beside: Path | None = None) -> None:
+    """Call ``module:function`` (a zero-argument callable that registers versions and converters).
+
+    ``beside`` (a profile file's directory) is searched after every other place on the import path, as
+    a script's own directory is: a module kept next to its profile file is found without
+    ``PYTHONPATH``, and cannot hide an installed module of the same name."""
     if spec in _PLUGINS_LOADED:
         return
     module_name, _, attr = spec.partition(":")
+    if beside is not None and str(beside) not in sys.path:
+        sys.path.append(str(beside))
     try:
         fn: Callable[[], Any] = getattr(importlib.import_module(module_name), attr)
         fn()
@@ -207,7 +215,7 @@ def load_profile_file(path: str | os.PathLike[str]) -> list[KernelProfile]:
         raise InvalidArgument(_one_line(e, where)) from None
     load_entry_point_plugins()
     for plugin in spec.plugins:
-        run_plugin(plugin, where)
+        run_plugin(plugin, where, beside=path.resolve().parent)
     out = []
     for name, entry in spec.profiles.items():
         here = f"{where}: profile {name!r}"

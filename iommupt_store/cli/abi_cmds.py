@@ -10,7 +10,7 @@ import click
 
 from ..abi import catalogue
 from ..abi.compat import CompatReport, compat
-from ..abi.profiles import all_profiles, get_profile, profile_file_schema
+from ..abi.profiles import all_profiles, get_profile, load_entry_point_plugins, profile_file_schema
 from ..errors import IommuptError
 from . import render
 from .common import Command, Number, emit_json, json_option
@@ -53,7 +53,11 @@ def schema(kind: str | None, version: int | None, list_all: bool) -> None:
       iommupt-store schema device 1
       iommupt-store schema profiles
       iommupt-store schema --list
+      iommupt-store --profiles lab.toml schema domain 3   # a version a plug-in adds
     """
+    # the versions of plug-ins too: the entry points', and those of --profiles / $IOMMUPT_PROFILES
+    load_entry_point_plugins()
+    all_profiles()
     if list_all or kind is None:
         for k in catalogue.KINDS:
             for v in catalogue.versions(k):
