@@ -167,7 +167,7 @@ def test_live_update_moves_and_drops_runs_on_postgres() -> None:
 def test_revision_0006_fills_the_ledger_and_preservation_domains(cli: InvokeCli, db_path: Path) -> None:
     """A store preserved before 0006 gets its runs and preservation domains when upgraded."""
     for args in (
-        ["init", "--mem", "1G"],
+        ["--kernel", "lu-v3", "init", "--mem", "1G"],  # a handover revision 0007 can drop without loss
         ["domain", "create", "x86_64"],
         ["map", "1", "0x0", "0x40000000", "8K"],
         ["map", "1", "0xffff800000000000", "0x80000000", "2M"],
