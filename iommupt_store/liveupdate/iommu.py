@@ -130,15 +130,7 @@ def _domain_descriptor(version: int, **fields: Any) -> Any:
     v1_fields = {k: fields[k] for k in ("format", "top_table_phys", "top_level", "vasz", "sign_extend")}
     if version == 1:
         return DomainDescriptorV1(**v1_fields)
-    v2 = DomainDescriptorV2(**fields)
-    if version == 2:
-        return v2
-    path = catalogue.conversion_path("domain", 2, {version})
-    if path is None:
-        raise InvalidArgument(
-            f"the kernel profile writes domain descriptor version {version}: no converter leads there"
-        )
-    return catalogue.convert("domain", path, dump_descriptor(v2), "the new domain descriptor")
+    return catalogue.written_as("domain", version, DomainDescriptorV2(**fields))
 
 
 @atomic

@@ -153,15 +153,9 @@ def _device_descriptor(version: int, **fields: Any) -> Any:
     """The device descriptor of catalogue ``version`` (a user's version through converters from 2)."""
     if version == 1:
         return DeviceDescriptorV1(**fields)
-    v2 = DeviceDescriptorV2(**fields, dma_owner_token=dma_owner_token(fields["owner"]))
-    if version == 2:
-        return v2
-    path = catalogue.conversion_path("device", 2, {version})
-    if path is None:
-        raise InvalidArgument(
-            f"the kernel profile writes device descriptor version {version}: no converter leads there"
-        )
-    return catalogue.convert("device", path, dump_descriptor(v2), "the new device descriptor")
+    return catalogue.written_as(
+        "device", version, DeviceDescriptorV2(**fields, dma_owner_token=dma_owner_token(fields["owner"]))
+    )
 
 
 def incoming_device_descriptor(tx: Transaction, raw: Any, version: int, token: int) -> Any:
