@@ -99,8 +99,9 @@ def write_records(conn: Connection, machine_id: int, boot_id: int, rec: KhoRootR
             liveupdate_num=rec.luo.liveupdate_num if rec.luo else None,
         )
     )
-    for sub in rec.subnodes:
-        conn.execute(insert(KhoSubnodeRow).values(machine_id=machine_id, boot_id=boot_id, **sub.model_dump()))
+    owner = {"machine_id": machine_id, "boot_id": boot_id}
+    _insert_many(conn, KhoSubnodeRow, [{**owner, **sub.model_dump()} for sub in rec.subnodes])
+    files: list[dict[str, Any]] = []
     for session in rec.sessions:
         sid = conn.execute(
             select(LuoSession.id).where(LuoSession.boot_id == boot_id, LuoSession.name == session.name)
@@ -111,12 +112,15 @@ def write_records(conn: Connection, machine_id: int, boot_id: int, rec: KhoRootR
                 .values(machine_id=machine_id, boot_id=boot_id, name=session.name, state="sealed")
                 .returning(LuoSession.id)
             ).scalar_one()
-        for f in session.files:
-            conn.execute(
-                insert(LuoFile).values(machine_id=machine_id, boot_id=boot_id, session_id=sid, **f.model_dump())
-            )
-    for flb in rec.flbs:
-        conn.execute(insert(LuoFlb).values(machine_id=machine_id, boot_id=boot_id, **flb.model_dump()))
+        files += [{**owner, "session_id": sid, **f.model_dump()} for f in session.files]
+    _insert_many(conn, LuoFile, files)
+    _insert_many(conn, LuoFlb, [{**owner, **flb.model_dump()} for flb in rec.flbs])
+
+
+def _insert_many(conn: Connection, model: Any, rows: list[dict[str, Any]]) -> None:
+    """One executemany per table (an empty list inserts nothing: executemany needs a row)."""
+    if rows:
+        conn.execute(insert(model), rows)
 
 
 def read_records(conn: Connection, boot_id: int) -> KhoRootRecord | None:
