@@ -59,6 +59,8 @@ class MemoryFrames:
             raise BadData(f"table pointer {phys:#x} is not an allocated page")
         if self.memory.meta(pfn).get("domain_id") != self.domain_id:
             raise BadData(f"table pointer {phys:#x} is not a frame of domain {self.domain_id}")
+        if self.memory.order(pfn) or self.memory.nbytes(pfn) != PAGE_SIZE:  # a hand edit may have resized it
+            raise BadData(f"page row (pfn {pfn:#x}) of domain {self.domain_id}: a table frame is not one whole page")
         return pfn
 
     def alloc_table(self, level: int) -> int:
@@ -354,21 +356,8 @@ def get_domain(tx: Transaction, domain_id: int) -> Domain:
     )
     if row is None:
         raise NotFound(f"no domain {domain_id} on machine {tx.machine.name!r}")
-    pt = None
-    if row["state"] != "freed":
-        # checked in SQL: the frames themselves are read only when a walk reaches them
-        bad = tx.conn.execute(
-            select(Page.pfn)
-            .where(
-                Page.machine_id == tx.machine.id,
-                Page.domain_id == domain_id,
-                or_(Page.page_order != 0, func.length(Page.contents) != PAGE_SIZE),
-            )
-            .limit(1)
-        ).scalar()
-        if bad is not None:
-            raise BadData(f"page row (pfn {bad:#x}) of domain {domain_id}: a table frame is not one whole page")
-        pt = page_table_from_row(tx, row)
+    # frames are read (and checked to be whole pages) only when a walk reaches them
+    pt = None if row["state"] == "freed" else page_table_from_row(tx, row)
     dom = Domain(tx, dict(row), pt)
     domains[domain_id] = dom
     return dom

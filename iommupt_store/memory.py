@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 
 from .db.bulk import delete_in, execute_many, insert_rows
-from .db.models import Page
+from .db.models import Machine, Page
 from .errors import InvalidArgument, NotFound, OutOfMemory
 
 PAGE_SHIFT = 12
@@ -40,6 +40,7 @@ MAX_ORDER = 18
 FIRST_PFN = 0x100
 
 _PAGES: Table = Page.__table__  # type: ignore[assignment]
+_MACHINES: Table = Machine.__table__  # type: ignore[assignment]
 _META_COLS = [c for c in _PAGES.c if c.name not in ("machine_id", "pfn", "page_order", "contents")]
 _NATIVE_LE = sys.byteorder == "little"
 _CHUNK = 500
@@ -81,10 +82,13 @@ class Allocator:
     is ever held, only the holes between them.
     """
 
-    def __init__(self, npages: int, fetch_gaps: Callable[[int], tuple[list[tuple[int, int]], int]]) -> None:
+    def __init__(
+        self, npages: int, fetch_gaps: Callable[[int], tuple[list[tuple[int, int]], int]], start: int = FIRST_PFN
+    ) -> None:
         self.npages = npages
         self._fetch_gaps = fetch_gaps
-        self.hi = FIRST_PFN
+        #: no pfn below ``start`` is free (the stored hint), so the window begins there
+        self.start = self.hi = min(max(start, FIRST_PFN), npages)
         self.extents: list[list[int]] = []  # [start, end) free, ascending, never touching
 
     @classmethod
@@ -111,6 +115,10 @@ class Allocator:
                     self._carve(idx, start, size)
                     return start
             if self.hi >= self.npages:
+                if self.start > FIRST_PFN:  # a hint that is wrong (a hand edit) must not cost memory
+                    self.start = self.hi = FIRST_PFN
+                    self.extents = []
+                    continue
                 raise OutOfMemory(
                     f"machine memory exhausted: no free block of {size} page(s) "
                     f"({self.npages * PAGE_SIZE >> 20} MiB machine)"
@@ -145,6 +153,10 @@ class Allocator:
             del ext[idx]
         ext.insert(idx, [a, b])
 
+    def lowest_free(self) -> int:
+        """The lowest pfn that may be free: what the stored hint becomes."""
+        return self.extents[0][0] if self.extents else self.hi
+
     def free(self, pfn: int, order: int) -> None:
         # above the window the database will show it after the flush that precedes a window read
         if pfn < self.hi:
@@ -163,6 +175,8 @@ class Memory:
         self._cache: dict[int, _CachedPage] = {}
         self.cache_pages = CACHE_PAGES
         self._allocator: Allocator | None = None
+        #: the allocator hint as stored (``machine.free_from``)
+        self._hint = 0
         #: the undoable call in progress (0: none) and the last one started
         self._call = self._calls = 0
         #: copies of the pages the call changed that differed from the database before it
@@ -210,8 +224,19 @@ class Memory:
     @property
     def allocator(self) -> Allocator:
         if self._allocator is None:
-            self._allocator = Allocator(self.npages, self._free_gaps)
+            if any(_unsaved(page) for page in self._cache.values()):
+                self.flush()  # this transaction's frees must have lowered the stored hint
+            hint = self.conn.execute(select(_MACHINES.c.free_from).where(_MACHINES.c.id == self.machine_id)).scalar()
+            self._allocator = Allocator(self.npages, self._free_gaps, hint or FIRST_PFN)
+            self._hint = self._allocator.start
         return self._allocator
+
+    def _store_hint(self) -> None:
+        """Record how far memory is known to be full (frees lower it again: a trigger on page rows)."""
+        if self._allocator is None or self._allocator.lowest_free() == self._hint:
+            return
+        self._hint = self._allocator.lowest_free()
+        self.conn.execute(update(_MACHINES).where(_MACHINES.c.id == self.machine_id).values(free_from=self._hint))
 
     def _free_gaps(self, pos: int) -> tuple[list[tuple[int, int]], int]:
         """Up to ``_GAPS`` free extents from ``pos`` (free or a block's start) as the database
@@ -267,9 +292,10 @@ class Memory:
 
     def free(self, pfn: int) -> None:
         page = self._page(pfn)
+        allocator = self.allocator  # made first: making it may flush, which must not see this free yet
         self._save(pfn)
         page.freed = True
-        self.allocator.free(pfn, page.order)
+        allocator.free(pfn, page.order)
 
     # -- contents ----------------------------------------------------------------
     def _page(self, pfn: int) -> _CachedPage:
@@ -368,6 +394,12 @@ class Memory:
     def order(self, pfn: int) -> int:
         return self._page(pfn).order
 
+    def nbytes(self, pfn: int) -> int:
+        """How many bytes the block holds as stored (``PAGE_SIZE << order`` unless a hand edit changed it)."""
+        contents = self._page(pfn).contents
+        assert contents is not None
+        return len(contents)
+
     def meta(self, pfn: int) -> Mapping[str, Any]:
         return self._page(pfn).meta
 
@@ -462,6 +494,7 @@ class Memory:
             )
             execute_many(self.conn, stmt, rows)
         insert_rows(self.conn, _PAGES, inserts)
+        self._store_hint()
         written = len(inserts) + sum(len(r) for r in updates.values()) + len(deletes)
         for pfn in [p for p, pg in self._cache.items() if pg.freed]:
             del self._cache[pfn]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import errno
 import random
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError
 
 from iommupt_store.errors import InvalidArgument, NotFound, OutOfMemory
@@ -174,6 +175,48 @@ def test_enomem_for_an_order_that_no_longer_fits(small_machine: Machine) -> None
         with pytest.raises(OutOfMemory):
             tx.memory.alloc("test", order=8)
         tx.memory.alloc("test", order=7)
+
+
+def _free_from(machine: Machine) -> int:
+    with machine.transaction(write=False) as tx:
+        row = tx.conn.execute(text("SELECT free_from FROM machine WHERE id = :m"), {"m": tx.machine.id})
+        return int(row.scalar_one())
+
+
+def test_the_stored_hint_follows_allocations_and_every_free(machine: Machine, db_path: Path) -> None:
+    """``machine.free_from`` is where the search for free pages starts: the allocator raises it,
+    and deleting a page row by any statement lowers it (a trigger), so lowest-first still holds."""
+    with machine.transaction() as tx:
+        pfns = [tx.memory.alloc("test") for _ in range(10)]
+    assert _free_from(machine) == pfns[-1] + 1
+    with machine.transaction() as tx:
+        tx.memory.free(pfns[6])
+    assert _free_from(machine) == pfns[6]
+    conn = sqlite3.connect(db_path)  # a hand edit frees a lower page
+    with conn:
+        conn.execute("DELETE FROM page WHERE pfn = ?", (pfns[2],))
+    conn.close()
+    assert _free_from(machine) == pfns[2]
+    with machine.transaction() as tx:
+        assert [tx.memory.alloc("test") for _ in range(3)] == [pfns[2], pfns[6], pfns[-1] + 1]
+    assert _free_from(machine) == pfns[-1] + 2
+
+
+@pytest.mark.parametrize("hint", ["-5", "1 << 40", "(SELECT max(pfn) FROM page) + 1000"])
+def test_a_wrong_hint_costs_no_memory(small_machine: Machine, db_path: Path, hint: str) -> None:
+    with small_machine.transaction() as tx:
+        pfns = [tx.memory.alloc("test") for _ in range(4)]
+        tx.memory.free(pfns[1])
+    conn = sqlite3.connect(db_path)
+    with conn:
+        conn.execute(f"UPDATE machine SET free_from = {hint}")
+    conn.close()
+    usable = (small_machine.mem_bytes // PAGE_SIZE) - FIRST_PFN
+    with small_machine.transaction() as tx:  # every free page is still found before ENOMEM
+        got = [tx.memory.alloc("test") for _ in range(usable - 3)]
+        assert pfns[1] in got
+        with pytest.raises(OutOfMemory):
+            tx.memory.alloc("test")
 
 
 def test_allocator_alone() -> None:

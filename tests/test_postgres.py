@@ -86,3 +86,28 @@ def test_concurrent_writers_on_postgres(pg_url: str) -> None:
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     status = json.loads(cli(pg_url, "status", "--json").stdout)
     assert status["machines"][0]["pages_allocated"] == 160
+
+
+def test_freeing_pages_lowers_the_allocator_hint_on_postgres(pg_url: str) -> None:
+    """The statement-level trigger keeps ``machine.free_from`` a lower bound of the free pages."""
+    from sqlalchemy import text
+
+    from iommupt_store.store import Store
+
+    store = Store.init(pg_url)
+    store.create_machine("m", 64 << 20)
+    machine = store.machine("m")
+    with machine.transaction() as tx:
+        pfns = [tx.memory.alloc("test") for _ in range(8)]
+
+    def free_from() -> int:
+        with machine.transaction(write=False) as tx:
+            return int(tx.conn.execute(text("SELECT free_from FROM machine")).scalar_one())
+
+    assert free_from() == pfns[-1] + 1
+    with machine.transaction() as tx:
+        tx.conn.execute(text("DELETE FROM page WHERE pfn IN (:a, :b)"), {"a": pfns[5], "b": pfns[3]})
+    assert free_from() == pfns[3]
+    with machine.transaction() as tx:
+        assert [tx.memory.alloc("test") for _ in range(2)] == [pfns[3], pfns[5]]
+    store.close()

@@ -43,6 +43,8 @@ class Machine(Base):
     mem_bytes: Mapped[int] = mapped_column(U64)
     page_size: Mapped[int] = mapped_column(Int, default=4096)
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp(timezone=True), default=utcnow)
+    #: no pfn below this is free: where the allocator starts looking (a trigger lowers it on every free)
+    free_from: Mapped[int] = mapped_column(BigInt, default=0, server_default="0")
 
     __table_args__ = (
         CheckConstraint("page_size = 4096", name="page_size_4k"),
