@@ -15,6 +15,7 @@ Reads only; reports every problem found rather than stopping at the first:
   every descriptor validates and matches its domain, restored markers agree,
   sessions' states fit their boots, preserved devices match their entries,
   devices are attached only to domains that still exist;
+- no page below the allocator's hint (``machine.free_from``) is free;
 - SQLite's own integrity and foreign-key checks pass.
 Whatever restore would refuse as bad data is reported here.
 """
@@ -133,6 +134,9 @@ def fsck(tx: Transaction, progress: Callable[[int, int], None] | None = None) ->
         checked, found = _domains(tx, progress)
         problems += found
         problems += liveupdate_problems(conn, mid)
+        hint = tx.memory.hint_problem()
+        if hint:
+            problems.append(hint)
     if conn.dialect.name == "sqlite":
         ok = conn.execute(text("PRAGMA integrity_check")).scalar()
         if ok != "ok":

@@ -31,6 +31,7 @@ from sqlalchemy import (
 
 from .db.bulk import delete_in, execute_many, insert_rows
 from .db.models import Machine, Page
+from .db.types import MalformedValue
 from .errors import InvalidArgument, NotFound, OutOfMemory
 
 PAGE_SHIFT = 12
@@ -226,10 +227,24 @@ class Memory:
         if self._allocator is None:
             if any(_unsaved(page) for page in self._cache.values()):
                 self.flush()  # this transaction's frees must have lowered the stored hint
-            hint = self.conn.execute(select(_MACHINES.c.free_from).where(_MACHINES.c.id == self.machine_id)).scalar()
-            self._allocator = Allocator(self.npages, self._free_gaps, hint or FIRST_PFN)
+            self._allocator = Allocator(self.npages, self._free_gaps, self._stored_hint() or FIRST_PFN)
             self._hint = self._allocator.start
         return self._allocator
+
+    def _stored_hint(self) -> int | None:
+        try:
+            return self.conn.execute(select(_MACHINES.c.free_from).where(_MACHINES.c.id == self.machine_id)).scalar()
+        except MalformedValue:  # derived data: a hand edit that broke it costs a search from the start, no more
+            return None
+
+    def hint_problem(self) -> str | None:
+        """Whether the stored hint skips free memory (only a hand edit can make it do so)."""
+        stored = self._stored_hint()
+        gaps, _ = self._free_gaps(FIRST_PFN)
+        lowest = min([a for a, b in gaps if a < b], default=self.npages)
+        if stored is None or stored <= lowest:
+            return None
+        return f"machine.free_from ({stored:#x}) is above the free pfn {lowest:#x}: allocation would skip free pages"
 
     def _store_hint(self) -> None:
         """Record how far memory is known to be full (frees lower it again: a trigger on page rows)."""

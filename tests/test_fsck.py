@@ -69,6 +69,19 @@ def test_orphan_and_foreign_frame(built: tuple[Machine, int, int], db_path: Path
     assert any(f"domain {b}: table pointer" in p and "not a frame of this domain" in p for p in problems)
 
 
+def test_an_allocator_hint_above_free_memory(built: tuple[Machine, int, int], db_path: Path) -> None:
+    machine, _, _ = built
+    _sql(db_path, "UPDATE machine SET free_from = (SELECT max(pfn) FROM page) + 1")  # below it: a free hole?
+    assert _report(machine) == []  # no hole: allocations were lowest-first, the hint is exact
+    with machine.transaction() as tx:
+        hole = tx.memory.alloc("test")
+        tx.memory.alloc("test")
+        tx.memory.free(hole)
+    _sql(db_path, f"UPDATE machine SET free_from = {hole + 1}")
+    problems = _report(machine)
+    assert any(f"machine.free_from ({hole + 1:#x}) is above the free pfn {hole:#x}" in p for p in problems)
+
+
 def test_cycle(built: tuple[Machine, int, int], db_path: Path) -> None:
     machine, _, b = built
     # entry 1 of b's top points back at the top itself (a table pointer, amdv1 NL = top level)

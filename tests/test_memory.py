@@ -202,7 +202,7 @@ def test_the_stored_hint_follows_allocations_and_every_free(machine: Machine, db
     assert _free_from(machine) == pfns[-1] + 2
 
 
-@pytest.mark.parametrize("hint", ["-5", "1 << 40", "(SELECT max(pfn) FROM page) + 1000"])
+@pytest.mark.parametrize("hint", ["-5", "1 << 40", "(SELECT max(pfn) FROM page) + 1000", "'abc'", "x'00'"])
 def test_a_wrong_hint_costs_no_memory(small_machine: Machine, db_path: Path, hint: str) -> None:
     with small_machine.transaction() as tx:
         pfns = [tx.memory.alloc("test") for _ in range(4)]
