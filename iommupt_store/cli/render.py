@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import click
-from pydantic import BaseModel
 from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -71,6 +70,8 @@ def error(text: object) -> None:
 
 def emit_json(data: Any) -> None:
     """One JSON document on stdout: plain text, never wrapped or styled."""
+    from pydantic import BaseModel  # here: a table or a sentence needs no pydantic
+
     if isinstance(data, BaseModel):
         click.echo(data.model_dump_json(indent=2))
     else:
