@@ -76,7 +76,7 @@ def read(location: str) -> dict[str, Any] | None:
         if conn.execute(status_sql.REVISION).fetchall() != [(SCHEMA_HEAD,)]:
             return None
         return status_sql.read_status(_runner(conn), url, SCHEMA_HEAD)
-    except (sqlite3.Error, _Unusual, ArithmeticError, TypeError):
+    except (sqlite3.Error, _Unusual, ArithmeticError, TypeError, ValueError):
         return None
     finally:
         conn.close()
