@@ -148,7 +148,7 @@ def test_status_reads_alike_both_ways_and_writes_nothing(sqlite_store: Path, run
     [
         "UPDATE boot SET started_at = 'garbage'",
         "UPDATE boot SET started_at = '2026-01-01T00:00:00+00:00'",
-        "UPDATE boot SET ended_at = '2026-13-45 00:00:00'",
+        "UPDATE boot SET started_at = '2026-13-45 00:00:00'",
         "UPDATE machine SET mem_bytes = 'lots'",
         "UPDATE boot SET kernel_profile = x'05'",
         "UPDATE alembic_version SET version_num = '0006'",
