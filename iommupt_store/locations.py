@@ -19,6 +19,13 @@ def default_location() -> str:
     return os.environ.get(ENV_DB) or DEFAULT_DB
 
 
+def sqlite_file_url(path: str) -> str:
+    """The SQLAlchemy URL of the SQLite file at ``path`` (a bare path: no ``://``)."""
+    from pathlib import Path
+
+    return f"sqlite:///{Path(path).expanduser().absolute()}"
+
+
 #: the kernel profile a process attaches with (``--kernel``), and the file of user profiles (``--profiles``)
 ENV_KERNEL = "IOMMUPT_KERNEL"
 ENV_PROFILES = "IOMMUPT_PROFILES"

@@ -33,9 +33,9 @@ from .db.bulk import delete_in, execute_many, insert_rows
 from .db.models import Machine, Page
 from .db.types import MalformedValue
 from .errors import InvalidArgument, NotFound, OutOfMemory
+from .units import PAGE_SHIFT as PAGE_SHIFT
+from .units import PAGE_SIZE as PAGE_SIZE
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
 MAX_ORDER = 18
 #: the first MiB is firmware's, as on a PC: never handed out, so phys 0 is never a table
 FIRST_PFN = 0x100

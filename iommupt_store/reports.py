@@ -153,3 +153,22 @@ class FsckReport(Report):
     domains_checked: int
     problems: list[str]
     ok: bool
+
+
+class MigrationReport(BaseModel):
+    """What ``db upgrade``/``downgrade`` did (or, offline, the SQL it would run)."""
+
+    url: str
+    action: str
+    from_revision: str | None
+    to_revision: str | None
+    #: the revisions run, in the order they ran
+    revisions: list[str]
+    #: the backup copy written before, if any
+    backup: str | None = None
+    #: why no backup was taken, when one could not be
+    backup_note: str | None = None
+    #: what the downgrade dropped (forced), one line per kind
+    dropped: list[str] = []
+    #: offline mode: the SQL script
+    sql: str | None = None

@@ -5,26 +5,26 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, func, insert, select
+from sqlalchemy import Connection, Engine, insert, select, text
 
-from .db import migrate
+from .db import migrate, status_sql
 from .db.connection import SharedConnection
 from .db.engine import make_engine, resolve_url, translate_db_errors, writer
-from .db.models import Boot, Page
-from .db.models import Machine as MachineRow
 from .errors import AlreadyExists, InvalidArgument, NotFound
 from .locations import DEFAULT_MACHINE as DEFAULT_MACHINE
 from .locations import ENV_DB as ENV_DB
 from .locations import default_location as default_location
-from .memory import PAGE_SIZE
 from .names import check_machine_name
-from .reports import BootInfo, MachineStatus, StoreStatus
-from .units import parse_number
+from .units import PAGE_SIZE, parse_number
 
 if TYPE_CHECKING:
     from .machine import Machine
+    from .reports import StoreStatus
+
+# The ORM models (and pydantic) load with the first method that needs them: opening a store and
+# reading its status (the ``status`` command on PostgreSQL) need SQLAlchemy Core only.
 
 DEFAULT_MEM_BYTES = 64 << 30
 MAX_MEM_BYTES = 1 << 52  # the widest OA any supported format can address
@@ -89,6 +89,8 @@ class Store:
 
     # -- machines --------------------------------------------------------------
     def create_machine(self, name: str = DEFAULT_MACHINE, mem_bytes: int = DEFAULT_MEM_BYTES) -> None:
+        from .db.models import Machine as MachineRow
+
         check_machine_name(name)
         check_mem_bytes(mem_bytes)
         with self.begin() as conn:
@@ -97,6 +99,8 @@ class Store:
             conn.execute(insert(MachineRow).values(name=name, mem_bytes=mem_bytes, page_size=PAGE_SIZE))
 
     def machine_id(self, conn: Connection, name: str) -> int:
+        from .db.models import Machine as MachineRow
+
         mid = conn.execute(select(MachineRow.id).where(MachineRow.name == name)).scalar()
         if mid is None:
             known = conn.execute(select(MachineRow.name).order_by(MachineRow.name)).scalars().all()
@@ -120,40 +124,37 @@ class Store:
 
         return Machine.observe(self, name)
 
-    def status(self) -> StoreStatus:
+    def status_data(self) -> dict[str, Any]:
+        """``status()`` as plain data, read with SQLAlchemy Core alone (no models, no pydantic)."""
         with self.begin(write=False) as conn:
-            machines = conn.execute(select(MachineRow.__table__).order_by(MachineRow.name)).all()
-            result = []
-            for row in machines:
-                used = conn.execute(
-                    select(func.count(), func.coalesce(func.sum(func.length(Page.contents)), 0)).where(
-                        Page.machine_id == row.id
-                    )
-                ).one()
-                boots = conn.execute(
-                    select(Boot.__table__).where(Boot.machine_id == row.id).order_by(Boot.number)
-                ).all()
-                result.append(
-                    MachineStatus(
-                        name=row.name,
-                        mem_bytes=row.mem_bytes,
-                        page_size=row.page_size,
-                        pages_allocated=used[1] // PAGE_SIZE,
-                        bytes_allocated=used[1],
-                        boots=[
-                            BootInfo(
-                                number=b.number,
-                                started_at=b.started_at,
-                                ended_at=b.ended_at,
-                                end_kind=b.end_kind,
-                                kernel_profile=b.kernel_profile,
-                                handover_discarded=b.handover_discarded,
-                            )
-                            for b in boots
-                        ],
-                    )
-                )
-            return StoreStatus(url=self.url, revision=migrate.current_revision(conn) or "", machines=result)
+            typed = _typed_statements()
+            return status_sql.read_status(
+                lambda sql, params: conn.execute(typed.get(sql, text(sql)), params).all(),
+                self.url,
+                migrate.current_revision(conn) or "",
+            )
+
+    def status(self) -> StoreStatus:
+        """Every machine of the store, with its memory use and its boots."""
+        from .reports import StoreStatus
+
+        return StoreStatus.model_validate(self.status_data())
+
+
+def _typed_statements() -> dict[str, Any]:
+    """The statements of ``status_sql`` whose columns are read back as the models' checked types."""
+    from .db import types
+
+    kinds = {"int": types.Int, "u64": types.U64, "text": types.Text, "timestamp": types.Timestamp}
+    out = {}
+    for sql, columns in status_sql.COLUMNS.items():
+        typed = {}
+        for label, kind in columns:
+            t = kinds[kind]() if kind != "timestamp" else types.Timestamp(timezone=True)
+            t.label = label  # named in a MalformedValue error, as the models name it
+            typed[label.split(".")[1]] = t
+        out[sql] = text(sql).columns(**typed)
+    return out
 
 
 def open(

@@ -16,6 +16,9 @@ UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 <
 U64_MAX = (1 << 64) - 1
 #: the largest value an SQL BIGINT column holds (ids are stored there)
 I64_MAX = (1 << 63) - 1
+#: the machine's page: memory is allocated and counted in these
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
 
 _DECIMAL = re.compile(r"(?P<digits>[0-9]+)\s*(?P<unit>[kmgtpe]?)(?:i?b)?", re.IGNORECASE)
 _HEX = re.compile(r"0x(?P<digits>[0-9a-f]+)", re.IGNORECASE)

@@ -6,7 +6,8 @@ run round-robin so that a busy machine slows them all alike.
   python_pass      python -c pass
   help             iommupt-store --help
   version          iommupt-store --version
-  status           iommupt-store status (an SQLite store with one machine)
+  status           iommupt-store status (an SQLite store with one machine, named by
+                   $IOMMUPT_DB as a bare path: read through sqlite3, without SQLAlchemy)
 The last lines are ``startup_help ratio_vs_python=<f>``, ``startup_version
 ratio_vs_python=<f>`` and ``startup_status ratio_vs_python=<f>`` (targets:
 10, 10 and 20).

@@ -8,6 +8,7 @@ an exit code (see ``guard``).
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NoReturn
 
 import click
@@ -78,7 +79,7 @@ COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
         "show",
         "The table tree of DOMAIN_ID: level, pfn, entries in use, leaf sizes; then leaves per page size.",
     ),
-    "status": ("db_cmds", "status", "Machines, their boots and the memory they use."),
+    "status": ("status_cmd", "status", "Machines, their boots and the memory they use."),
     "translate": (
         "domain_cmds",
         "translate",
@@ -184,11 +185,19 @@ def cli(
     current boot.
     """
     # imported here, not at the top: --help and --version never get this far, and start fast
-    from ..abi.profiles import choose_process_kernel, get_profile, load_profile_file
-    from ..errors import IommuptError
     from . import render
 
     render.set_quiet(quiet)
+    ctx.obj = Context(db=db, machine_name=machine, kernel=kernel)
+    if kernel is None and profiles_file is None:
+        # nothing to check: the profiles (pydantic) load with the first command that attaches
+        loaded = sys.modules.get("iommupt_store.abi.profiles")
+        if loaded is not None:
+            loaded.choose_process_kernel(None)  # forget an earlier in-process run's --kernel
+        return
+    from ..abi.profiles import choose_process_kernel, get_profile, load_profile_file
+    from ..errors import IommuptError
+
     choose_process_kernel(None)
     if profiles_file is not None:
         load_profile_file(profiles_file)
@@ -198,7 +207,6 @@ def cli(
         except IommuptError as e:
             raise click.BadParameter(str(e).split(": ", 1)[-1], ctx, param_hint="'--kernel'") from None
     choose_process_kernel(kernel)  # also for commands that attach through the store directly (init)
-    ctx.obj = Context(db=db, machine_name=machine, kernel=kernel)
 
 
 def main(argv: list[str] | None = None) -> None:

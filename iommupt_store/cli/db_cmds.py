@@ -10,6 +10,7 @@ from click.core import ParameterSource
 from ..db import migrate
 from ..db.engine import resolve_url, shown_url, translate_db_errors
 from ..names import check_machine_name
+from ..reports import MigrationReport
 from ..store import DEFAULT_MEM_BYTES, Store, check_mem_bytes, default_location
 from ..units import format_size
 from . import render
@@ -71,50 +72,6 @@ def init(ctx: Context, mem_bytes: int, as_json: bool) -> None:
         )
 
 
-@click.command(cls=Command)
-@json_option
-@pass_ctx
-def status(ctx: Context, as_json: bool) -> None:
-    """Machines, their boots and the memory they use.
-
-    All machines, or only the one named by an explicit --machine (or
-    $IOMMUPT_MACHINE), which must exist.
-
-    \b
-    Example:
-      iommupt-store status --json | jq '.machines[].pages_allocated'
-    """
-    store = ctx.store()
-    st = store.status()
-    root = click.get_current_context().find_root()
-    if root.get_parameter_source("machine") not in (None, ParameterSource.DEFAULT):
-        with translate_db_errors(store.url), store.engine.connect() as conn:
-            store.machine_id(conn, ctx.machine_name)  # NotFound, naming the machines there
-        st = st.model_copy(update={"machines": [m for m in st.machines if m.name == ctx.machine_name]})
-    if as_json:
-        emit_json(st)
-        return
-    rows = []
-    for m in st.machines:
-        cur = m.current_boot
-        state = "running" if cur and cur.end_kind is None else f"ended ({cur.end_kind})" if cur else "never booted"
-        rows.append(
-            (
-                m.name,
-                f"{m.mem_bytes >> 20} MiB",
-                cur.number if cur else "-",
-                state,
-                f"{m.pages_allocated} ({m.bytes_allocated >> 10} KiB)",
-                len(m.boots),
-            )
-        )
-    render.table(
-        ("machine", "memory", "boot", "state", "pages used", "boots so far"),
-        rows,
-        title=f"{shown_url(st.url)} (schema {st.revision})",
-    )
-
-
 _MIGRATIONS_HELP = (
     "A directory of your own revisions (repeatable); added to $IOMMUPT_MIGRATIONS (os.pathsep-separated)."
 )
@@ -164,7 +121,7 @@ def _url(ctx: Context) -> str:
     return resolve_url(ctx.db if ctx.db is not None else default_location())
 
 
-def _report(report: migrate.MigrationReport, as_json: bool, verb: str) -> None:
+def _report(report: MigrationReport, as_json: bool, verb: str) -> None:
     if report.backup:
         render.note(f"backup: {report.backup}")
     if report.backup_note:

@@ -17,15 +17,17 @@ import json
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from pydantic import BaseModel
 from rich.console import Console, RenderableType
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
-from rich.tree import Tree
+
+if TYPE_CHECKING:
+    from rich.tree import Tree
+
+# rich's progress bars and trees load with the first command that draws one: a table needs neither
 
 #: piped output is never folded: a long name stays on one line for grep and scripts
 _PIPE_WIDTH = 10_000
@@ -71,6 +73,8 @@ def error(text: object) -> None:
 
 def emit_json(data: Any) -> None:
     """One JSON document on stdout: plain text, never wrapped or styled."""
+    from pydantic import BaseModel  # here: a table or a sentence needs no pydantic
+
     if isinstance(data, BaseModel):
         click.echo(data.model_dump_json(indent=2))
     else:
@@ -94,6 +98,8 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[object]], *, title: ob
 
 def tree(label: object) -> Tree:
     """The root of a tree to fill with ``branch`` and print with ``show``."""
+    from rich.tree import Tree
+
     return Tree(cell(label))
 
 
@@ -139,6 +145,8 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
     if _quiet or not console.is_terminal:
         yield lambda done, total: None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     lock = threading.Lock()
     state: dict[str, Any] = {"bar": None, "task": None, "done": 0, "total": None, "ended": False}
 

@@ -16,6 +16,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from ..errors import InvalidArgument, NotFound, SchemaError, StoreBusy, StoreUnavailable
+from ..locations import sqlite_file_url
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -28,7 +29,7 @@ def resolve_url(url_or_path: str | os.PathLike[str]) -> str:
     if "://" in text:
         parse_url(text)  # refuse a malformed URL or an unknown scheme now, before anything is opened
         return text
-    return f"sqlite:///{Path(text).expanduser().absolute()}"
+    return sqlite_file_url(text)
 
 
 def parse_url(url: str) -> URL:

@@ -12,6 +12,10 @@ A revision module may define:
   is refused unless forced.
 - ``data_migration = True``: its upgrade or downgrade reads rows, so it needs
   a live database; offline SQL (``--sql``) refuses it.
+
+Importing this module loads neither SQLAlchemy nor pydantic nor Alembic, so
+that ``SCHEMA_HEAD`` is cheap to read (``status_fast``); each function imports
+what it uses.
 """
 
 from __future__ import annotations
@@ -25,15 +29,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from pydantic import BaseModel
-from sqlalchemy import Connection, text
-
 from ..errors import InvalidArgument, NotFound, NotPermitted, SchemaError
-from .engine import make_engine, shown_url, sqlite_path, table_names, translate_db_errors
 
 if TYPE_CHECKING:
     from alembic.config import Config
     from alembic.script import Script, ScriptDirectory
+    from sqlalchemy import Connection
+
+    from ..reports import MigrationReport
 
 UPGRADE_HINT = "iommupt-store db upgrade"
 #: the environment variable naming the user's own revision directories (os.pathsep-separated)
@@ -120,6 +123,10 @@ def known_revisions(dirs: Sequence[Path] = ()) -> set[str]:
 
 
 def current_revision(conn: Connection) -> str | None:
+    from sqlalchemy import text
+
+    from .engine import table_names
+
     if "alembic_version" not in table_names(conn):
         return None
     rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
@@ -129,6 +136,8 @@ def current_revision(conn: Connection) -> str | None:
 
 
 def _unknown(url: str, rev: str, dirs: Sequence[Path]) -> SchemaError:
+    from .engine import shown_url
+
     where = f"in {os.pathsep.join(map(str, dirs))}" if dirs else f"(set ${ENV_MIGRATIONS} to its directory)"
     return SchemaError(
         f"{shown_url(url)} is at revision {rev}, which this version does not know: written by a newer "
@@ -142,6 +151,8 @@ def check_ours(conn: Connection, url: str, dirs: Sequence[Path] = ()) -> str | N
     Refuses a foreign database (tables but no revision) and one at a revision
     that neither the package nor the user's directories hold.
     """
+    from .engine import table_names
+
     rev = current_revision(conn)
     if rev == SCHEMA_HEAD:
         return rev  # the common case, decided without importing Alembic
@@ -178,25 +189,6 @@ def descends_from(rev: str, ancestor: str, dirs: Sequence[Path] = ()) -> bool:
 _REVISION = re.compile(r"(?:\w+@)?(?:\w+(?:[+-]\d+)?|[+-]\d+)")
 
 
-class MigrationReport(BaseModel):
-    """What ``db upgrade``/``downgrade`` did (or, offline, the SQL it would run)."""
-
-    url: str
-    action: str
-    from_revision: str | None
-    to_revision: str | None
-    #: the revisions run, in the order they ran
-    revisions: list[str]
-    #: the backup copy written before, if any
-    backup: str | None = None
-    #: why no backup was taken, when one could not be
-    backup_note: str | None = None
-    #: what the downgrade dropped (forced), one line per kind
-    dropped: list[str] = []
-    #: offline mode: the SQL script
-    sql: str | None = None
-
-
 def _check_target(revision: str) -> None:
     if not _REVISION.fullmatch(revision):
         raise InvalidArgument(
@@ -207,6 +199,8 @@ def _check_target(revision: str) -> None:
 def _steps(script: ScriptDirectory, action: str, target: str, current: str | None, url: str) -> list[Script]:
     """The revision scripts ``action`` would run from ``current``, in order (newest first downgrading)."""
     from alembic.util import CommandError
+
+    from .engine import shown_url
 
     try:
         if action == "upgrade":
@@ -242,6 +236,11 @@ def run(
     change). A downgrade that would drop user data is refused (NotPermitted,
     nothing changed) unless ``force``.
     """
+    from sqlalchemy import text
+
+    from ..reports import MigrationReport
+    from .engine import make_engine, shown_url, sqlite_path, translate_db_errors
+
     if action not in ("upgrade", "downgrade"):
         raise InvalidArgument(f"unknown migration action {action!r}")
     _check_target(revision)
@@ -294,6 +293,8 @@ def _alembic(action: str, cfg: Config, revision: str, url: str, **kw: Any) -> No
     from alembic import command
     from alembic.util import CommandError
 
+    from .engine import shown_url
+
     try:
         getattr(command, action)(cfg, revision, **kw)
     except CommandError as e:  # e.g. an unknown revision id
@@ -306,6 +307,9 @@ def offline_sql(url: str, revision: str, *, dirs: Sequence[Path] = ()) -> Migrat
     ``revision`` is ``FROM:TO`` or just ``TO``, then starting at the database's
     current revision (read only). A data migration cannot be rendered as SQL: refused.
     """
+    from ..reports import MigrationReport
+    from .engine import make_engine, shown_url, translate_db_errors
+
     start, _, target = revision.rpartition(":")
     _check_target(target)
     if start:
@@ -364,6 +368,8 @@ def downgrade(url: str, revision: str, *, force: bool = False, dirs: Sequence[Pa
 
 def stamp(url: str, revision: str, *, dirs: Sequence[Path] = (), purge: bool = False) -> tuple[str | None, str | None]:
     """Record ``revision`` as the database's without running anything; (before, after)."""
+    from .engine import make_engine, translate_db_errors
+
     _check_target(revision)
     engine = make_engine(url, foreign_keys=False, create=False)
     try:
@@ -376,6 +382,8 @@ def stamp(url: str, revision: str, *, dirs: Sequence[Path] = (), purge: bool = F
 
 
 def is_sqlite_file(url: str) -> bool:
+    from .engine import sqlite_path
+
     return sqlite_path(url) is not None
 
 
