@@ -7,7 +7,9 @@
   of hex text the server has to parse); elsewhere an ``executemany``.
 - Updates and other statements run once per row: an ``executemany``, which
   psycopg 3 sends in pipeline mode (no round trip per row).
-- Deletes of many keys: ``IN`` lists in chunks.
+- Many keys: ``IN`` lists in chunks; on PostgreSQL ``= ANY(array)``, one
+  parameter instead of one per key (the server parses and plans a query of
+  hundreds of ``$n::BIGINT`` far more slowly than one array).
 
 Knows tables and rows, nothing about what the rows mean.
 """
@@ -17,7 +19,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Column, ColumnDefault, ColumnElement, Connection, Dialect, Executable, Table, delete, insert
+from sqlalchemy import (
+    ARRAY,
+    Column,
+    ColumnDefault,
+    ColumnElement,
+    Connection,
+    Dialect,
+    Executable,
+    Table,
+    any_,
+    delete,
+    insert,
+    literal,
+)
 from sqlalchemy.exc import DBAPIError
 
 #: keys per IN list (SQLite allows 32766 bound parameters, PostgreSQL 65535)
@@ -44,12 +59,19 @@ def execute_many(conn: Connection, stmt: Executable, rows: Sequence[Mapping[str,
         conn.execute(stmt, list(rows))
 
 
+def one_of(conn: Connection, column: ColumnElement[Any], keys: Sequence[Any]) -> ColumnElement[bool]:
+    """``column IN keys``, spelt as the database reads fastest (give at most a chunk of keys)."""
+    if conn.dialect.name == "postgresql":
+        return column == any_(literal(list(keys), ARRAY(column.type)))
+    return column.in_(keys)
+
+
 def delete_in(
     conn: Connection, table: Table, column: Column[Any], keys: Sequence[Any], *where: ColumnElement[bool]
 ) -> None:
     """Delete the rows of ``table`` whose ``column`` is one of ``keys`` (and that match ``where``)."""
     for i in range(0, len(keys), _CHUNK):
-        conn.execute(delete(table).where(*where, column.in_(keys[i : i + _CHUNK])))
+        conn.execute(delete(table).where(*where, one_of(conn, column, keys[i : i + _CHUNK])))
 
 
 def _python_defaults(table: Table, keys: Sequence[str]) -> list[Column[Any]]:
