@@ -16,7 +16,7 @@ Knows tables and rows, nothing about what the rows mean.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -95,15 +95,37 @@ def _default_value(column: Column[Any]) -> Any:
     return default.arg(None) if default.is_callable else default.arg
 
 
-#: PostgreSQL types (as SQLAlchemy spells them, without a length) whose psycopg binary dumpers take the
-#: Python values our columns' bind processors produce
-_BINARY_TYPES = frozenset({"smallint", "integer", "bigint", "bytea", "varchar", "boolean", "timestamp with time zone"})
+def _as_is(value: Any) -> Any:
+    return value
 
 
-def _binary_types(columns: Sequence[Column[Any]], dialect: Dialect) -> list[str] | None:
-    """The type names to declare for a binary COPY of ``columns``, or None if one has no binary form here."""
+def _int_range(bits: int) -> Callable[[Any], bool]:
+    lo, hi = -(1 << (bits - 1)), 1 << (bits - 1)
+    return lambda v: type(v) is int and lo <= v < hi
+
+
+#: PostgreSQL types (as SQLAlchemy spells them, without a length) that a binary COPY may carry, each with
+#: the values it takes as they are. psycopg's binary dumpers would wrap an integer too large for its
+#: column instead of refusing it, and raise a bare TypeError for a value of another type: a batch with
+#: any such value goes as text, where the server refuses or converts it exactly as it would an INSERT's.
+_BINARY: dict[str, Callable[[Any], bool]] = {
+    "smallint": _int_range(16),
+    "integer": _int_range(32),
+    "bigint": _int_range(64),
+    "bytea": lambda v: isinstance(v, bytes | bytearray | memoryview),
+    "varchar": lambda v: type(v) is str,
+    "boolean": lambda v: type(v) is bool,
+}
+
+
+def _binary_types(columns: Sequence[Column[Any]], rows: Sequence[Sequence[Any]], dialect: Dialect) -> list[str] | None:
+    """The type names to declare for a binary COPY of ``rows`` into ``columns``, or None: text it is."""
     names = [c.type.compile(dialect=dialect).split("(")[0].strip().lower() for c in columns]
-    return names if all(n in _BINARY_TYPES for n in names) else None
+    if not all(n in _BINARY for n in names):
+        return None
+    checks = [_BINARY[n] for n in names]
+    ok = all(v is None or check(v) for row in rows for check, v in zip(checks, row, strict=True))
+    return names if ok else None
 
 
 def _copy(conn: Connection, table: Table, keys: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
@@ -113,8 +135,9 @@ def _copy(conn: Connection, table: Table, keys: Sequence[str], rows: Sequence[Ma
     defaults = {c.name: _default_value(c) for c in _python_defaults(table, keys)}
     names = [*keys, *defaults]
     # the columns' own conversions (the checked types of db.types) apply as they would to an INSERT
-    procs = [(k, table.c[k].type.bind_processor(dialect)) for k in names]
-    types = _binary_types([table.c[k] for k in names], dialect)
+    procs = [(k, table.c[k].type.bind_processor(dialect) or _as_is) for k in names]
+    values = [[p(row.get(k, defaults.get(k))) for k, p in procs] for row in rows]
+    types = _binary_types([table.c[k] for k in names], values, dialect)
     sql = f"COPY {prep.format_table(table)} ({', '.join(prep.quote(k) for k in names)}) FROM STDIN"
     if types:
         sql += " (FORMAT BINARY)"
@@ -124,9 +147,8 @@ def _copy(conn: Connection, table: Table, keys: Sequence[str], rows: Sequence[Ma
         with raw.cursor() as cur, cur.copy(sql) as copy:
             if types:
                 copy.set_types(types)
-            for row in rows:
-                values = ((p, row.get(k, defaults.get(k))) for k, p in procs)
-                copy.write_row([v if p is None else p(v) for p, v in values])
+            for row_values in values:
+                copy.write_row(row_values)
     except dialect.loaded_dbapi.Error as e:
         # as SQLAlchemy reports any driver error (translate_db_errors and callers expect its classes)
         raise DBAPIError.instance(sql, None, e, dialect.loaded_dbapi.Error, dialect=dialect) from e
