@@ -10,13 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Column, Engine, MetaData, Table, func, select, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InternalError
 
 from iommupt_store import Store
 from iommupt_store.db.bulk import delete_in, insert_rows, one_of
 from iommupt_store.db.engine import make_engine
 from iommupt_store.db.types import BigInt, Blob, Flag, Int, Text, Timestamp
-from iommupt_store.domains import domain_alloc
+from iommupt_store.domains import domain_alloc, list_domains
 from iommupt_store.liveupdate import preserve_domain
 from tests.test_postgres import PG_URL, fresh_pg_database
 
@@ -113,3 +113,20 @@ def test_frames_stay_in_their_rows_and_read_back_whole() -> None:
             preserved = conn.execute(text("SELECT count(*) FROM preservation")).scalar_one()
             frames = conn.execute(text("SELECT count(*) FROM page WHERE domain_id IS NOT NULL")).scalar_one()
             assert preserved == frames > 0
+
+
+def test_readers_are_read_only_and_writers_write_again() -> None:
+    """Read-only transactions begin READ ONLY on the shared connection; the next writer writes."""
+    with fresh_pg_database() as url, Store.init(url) as store:
+        store.create_machine("m", 64 << 20)
+        observer = store.observe("m")
+        with observer.transaction(write=False) as tx, pytest.raises(InternalError, match="read-only transaction"):
+            tx.conn.execute(text("UPDATE machine SET mem_bytes = mem_bytes"))
+        machine = store.machine("m")
+        with machine.transaction() as tx:
+            domain_alloc(tx, "x86_64")
+        with observer.transaction(write=False) as tx:
+            assert len(list_domains(tx)) == 1
+            assert tx.conn.execute(text("SHOW transaction_read_only")).scalar_one() == "on"
+        with machine.transaction() as tx:
+            assert tx.conn.execute(text("SHOW transaction_read_only")).scalar_one() == "off"
