@@ -29,7 +29,7 @@ from sqlalchemy import (
     update,
 )
 
-from .db.bulk import delete_in, execute_many, insert_rows
+from .db.bulk import delete_in, execute_many, insert_rows, one_of
 from .db.models import Machine, Page
 from .db.types import MalformedValue
 from .errors import InvalidArgument, NotFound, OutOfMemory
@@ -332,7 +332,7 @@ class Memory:
             else:
                 self._cache[p] = page  # now the newest: a trim while the rest load keeps it
         for i in range(0, len(wanted), _CHUNK):
-            self._fetch(_PAGES.c.pfn.in_(wanted[i : i + _CHUNK]))
+            self._fetch(one_of(self.conn, _PAGES.c.pfn, wanted[i : i + _CHUNK]))
 
     def block_orders(self, pfns: Iterable[int]) -> dict[int, int]:
         """The order of each allocated block among ``pfns`` (others are left out), read without
@@ -348,7 +348,7 @@ class Memory:
         for i in range(0, len(unknown), _CHUNK):
             rows = self.conn.execute(
                 select(_PAGES.c.pfn, _PAGES.c.page_order).where(
-                    _PAGES.c.machine_id == self.machine_id, _PAGES.c.pfn.in_(unknown[i : i + _CHUNK])
+                    _PAGES.c.machine_id == self.machine_id, one_of(self.conn, _PAGES.c.pfn, unknown[i : i + _CHUNK])
                 )
             )
             out.update({pfn: order for pfn, order in rows})

@@ -7,8 +7,8 @@ connection and hands it to one transaction at a time:
 
 - writers take the write lock up front (``BEGIN IMMEDIATE`` on SQLite);
 - readers are read-only at the database level when asked (``PRAGMA
-  query_only`` on SQLite, ``SET TRANSACTION READ ONLY`` on PostgreSQL),
-  switched per transaction since the connection outlives it;
+  query_only`` on SQLite, ``BEGIN READ ONLY`` on PostgreSQL), switched per
+  transaction since the connection outlives it;
 - a connection is never used across a fork: a child process (pid changed)
   opens its own and leaves its parent's alone, neither using nor closing it;
 - a connection an error invalidated, or left in a transaction, is dropped and
@@ -105,8 +105,12 @@ def _transaction(conn: Connection, write: bool, read_only: bool, query_only: boo
         conn.exec_driver_sql(f"PRAGMA query_only = {'ON' if read_only else 'OFF'}")
         conn.rollback()  # ends the transaction the statement began
     conn.execution_options(sqlite_begin="IMMEDIATE" if write else "DEFERRED")
+    # psycopg opens the transaction with the first statement: as BEGIN READ ONLY when asked, no extra round trip
+    driver = conn.connection.dbapi_connection if conn.dialect.driver == "psycopg" else None
+    if driver is not None:
+        driver.read_only = read_only
     with conn.begin() as dbtx:
-        if read_only and conn.dialect.name == "postgresql":
+        if read_only and driver is None and conn.dialect.name == "postgresql":
             conn.exec_driver_sql("SET TRANSACTION READ ONLY")
         try:
             yield

@@ -43,7 +43,7 @@ UPGRADE_HINT = "iommupt-store db upgrade"
 ENV_MIGRATIONS = "IOMMUPT_MIGRATIONS"
 #: the newest revision in migrations/versions (a test keeps it equal to Alembic's head); opening a
 #: store compares against it without importing Alembic, which would cost every process ~0.2 s
-SCHEMA_HEAD = "0008"
+SCHEMA_HEAD = "0009"
 
 
 def migrations_dir() -> Path:

@@ -106,6 +106,8 @@ class Page(Base):
         CheckConstraint("page_order >= 0 AND page_order <= 18", name="order_range"),
         CheckConstraint("(domain_id IS NULL) = (level IS NULL)", name="frame_has_level"),
         CheckConstraint("length(contents) = (4096 << page_order)", name="contents_size"),
+        # PostgreSQL keeps a 4 KiB frame in its row, never compressed (revision 0009)
+        {"postgresql_with": {"toast_tuple_target": 8160}},
     )
 
 
