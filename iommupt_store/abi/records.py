@@ -176,7 +176,13 @@ def read_records(conn: Connection, boot_id: int) -> KhoRootRecord | None:
         raise BadData(describe_errors(e, f"handover records of boot row {boot_id}")) from None
 
 
-def records_json(conn: Connection, boot_id: int) -> Any:
-    """The records as JSON (what the seal digest covers), or None."""
+def records_json(conn: Connection, boot_id: int, *, written: KhoRootRecord | None = None) -> Any:
+    """The records as JSON (what the seal digest covers), or None.
+
+    ``written``: the record just stored for the boot. It is used as it is, without reading the rows
+    back, when the rows would give it back unchanged: it has no subnodes or sessions and at most one
+    FLB, so no order of the database's choosing is involved."""
+    if written is not None and not written.subnodes and not written.sessions and len(written.flbs) <= 1:
+        return written.model_dump(mode="json")
     rec = read_records(conn, boot_id)
     return None if rec is None else rec.model_dump(mode="json")

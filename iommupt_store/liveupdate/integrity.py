@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Connection, select, update
 
 from ..abi.catalogue import FLAG_DELETED
-from ..abi.records import records_json
+from ..abi.records import KhoRootRecord, records_json
 from ..db.models import Boot, HandoverEntry, LuoSession, Preservation
 from ..db.models import Domain as DomainRow
 from ..errors import BadData
@@ -63,7 +63,7 @@ def read_entries(conn: Connection, machine_id: int, boot_id: int) -> list[Stored
     return sorted((StoredEntry(*r) for r in rows), key=lambda e: e.token)
 
 
-def _frames(conn: Connection, machine_id: int, boot_id: int) -> dict[str, list[tuple[int, int, str]]]:
+def frames_by_owner(conn: Connection, machine_id: int, boot_id: int) -> dict[str, list[tuple[int, int, str]]]:
     """(pfn, order, content hash) of the boot's preservation records, by who preserved them."""
     p = Preservation
     out: dict[str, list[tuple[int, int, str]]] = {}
@@ -71,7 +71,7 @@ def _frames(conn: Connection, machine_id: int, boot_id: int) -> dict[str, list[t
         select(p.pfn, p.page_order, p.preserved_by, p.content_hash).where(
             p.machine_id == machine_id, p.boot_id == boot_id
         )
-    ):
+    ).all():  # fetchall: much cheaper per row than iterating the cursor
         out.setdefault(who, []).append((pfn, order, h))
     return out
 
@@ -107,7 +107,7 @@ def compute_digests(
     """``digest`` and ``frames_digest`` of an entry with these fields, from the rows as stored now
     (a DELETED slot owns no frames: its domain may be preserved again under another token)."""
     if frames is None:
-        frames = _frames(conn, machine_id, boot_id)
+        frames = frames_by_owner(conn, machine_id, boot_id)
     owns_frames = kind == "domain" and not flags & FLAG_DELETED
     own = frames.get(owner_tag(domain_id), []) if owns_frames and domain_id is not None else []
     session_name = _session_names(conn, boot_id).get(session_id) if session_id is not None else None
@@ -149,21 +149,21 @@ def _recompute(conn: Connection, e: StoredEntry, frames: dict[str, list[tuple[in
     )
 
 
-def _seal(conn: Connection, machine_id: int, boot_id: int, entries: list[StoredEntry]) -> str:
-    p = Preservation
-    kept = conn.execute(
-        select(p.pfn, p.page_order, p.preserved_by, p.content_hash).where(
-            p.machine_id == machine_id, p.boot_id == boot_id
-        )
-    ).all()
+def _seal(
+    conn: Connection,
+    boot_id: int,
+    entries: list[StoredEntry],
+    frames: dict[str, list[tuple[int, int, str]]],
+    records: Any,
+) -> str:
     return seal_digest(
         boot_id=boot_id,
         boot_number=_boot_number(conn, boot_id),
         entries=[(e.token, e.digest, e.frames_digest) for e in entries],
         sessions=list(_session_names(conn, boot_id).items()),
-        preservations=[(pfn, order, who, h) for pfn, order, who, h in kept],
+        preservations=[(pfn, order, who, h) for who, own in frames.items() for pfn, order, h in own],
         profile=_boot_profile(conn, boot_id),
-        records=records_json(conn, boot_id),
+        records=records,
     )
 
 
@@ -171,10 +171,20 @@ def _boot_profile(conn: Connection, boot_id: int) -> str:
     return str(conn.execute(select(Boot.kernel_profile).where(Boot.id == boot_id)).scalar())
 
 
-def handover_problems(conn: Connection, machine_id: int, boot_id: int, *, sealed: bool) -> list[str]:
-    """How the handover ``boot_id`` wrote differs from what was recorded (with its seal, when ``sealed``)."""
-    entries = read_entries(conn, machine_id, boot_id)
-    frames = _frames(conn, machine_id, boot_id)
+def handover_problems(
+    conn: Connection,
+    machine_id: int,
+    boot_id: int,
+    *,
+    sealed: bool,
+    entries: list[StoredEntry] | None = None,
+    frames: dict[str, list[tuple[int, int, str]]] | None = None,
+) -> list[str]:
+    """How the handover ``boot_id`` wrote differs from what was recorded (with its seal, when ``sealed``).
+
+    ``entries`` and ``frames``: what ``read_entries`` and ``frames_by_owner`` give, when the caller has read them."""
+    entries = read_entries(conn, machine_id, boot_id) if entries is None else entries
+    frames = frames_by_owner(conn, machine_id, boot_id) if frames is None else frames
     number = _boot_number(conn, boot_id)
     names = _session_names(conn, boot_id)
     problems = []
@@ -196,7 +206,7 @@ def handover_problems(conn: Connection, machine_id: int, boot_id: int, *, sealed
         stored = conn.execute(select(Boot.handover_digest).where(Boot.id == boot_id)).scalar()
         if stored is None:
             problems.append(f"boot {number} ended with a live update but its handover carries no seal digest")
-        elif _seal(conn, machine_id, boot_id, entries) != stored:
+        elif _seal(conn, boot_id, entries, frames, records_json(conn, boot_id)) != stored:
             problems.append(
                 f"the handover of boot {number} differs from what its seal recorded "
                 "(an entry, session, preservation record, the kernel profile, kexec metadata or another KHO/LUO "
@@ -213,9 +223,16 @@ def verify_handover(conn: Connection, machine_id: int, boot_id: int, *, sealed: 
         raise BadData(f"{problems[0]}{more}")
 
 
-def seal_handover(conn: Connection, machine_id: int, boot_id: int) -> None:
-    """Record the seal digest over the boot's whole handover (at the seal, before the boot ends)."""
-    digest = _seal(conn, machine_id, boot_id, read_entries(conn, machine_id, boot_id))
+def seal_handover(
+    conn: Connection,
+    boot_id: int,
+    entries: list[StoredEntry],
+    frames: dict[str, list[tuple[int, int, str]]],
+    records: KhoRootRecord | None,
+) -> None:
+    """Record the seal digest over the boot's whole handover (at the seal, before the boot ends): its
+    ``entries`` and ``frames`` as read in the sealing transaction, and the ``records`` it just wrote."""
+    digest = _seal(conn, boot_id, entries, frames, records_json(conn, boot_id, written=records))
     conn.execute(update(Boot).where(Boot.id == boot_id).values(handover_digest=digest))
 
 

@@ -37,7 +37,15 @@ from ..machine import Transaction, atomic
 from ..memory import PAGE_SHIFT, PAGE_SIZE
 from . import kho
 from .digests import frames_digest, owner_tag
-from .integrity import LIVE, StoredEntry, compute_digests, read_entries, restore_marker_problems, verify_handover
+from .integrity import (
+    LIVE,
+    StoredEntry,
+    compute_digests,
+    frames_by_owner,
+    read_entries,
+    restore_marker_problems,
+    verify_handover,
+)
 
 MAX_TOKEN = (1 << 64) - 1
 
@@ -46,10 +54,21 @@ MAX_TOKEN = (1 << 64) - 1
 IncomingEntry = StoredEntry
 
 
-def preservation_problems(tx: Transaction, domain_id: int, reachable: set[int], boot_id: int) -> list[str]:
+def preservation_problems(
+    tx: Transaction,
+    domain_id: int,
+    reachable: set[int],
+    boot_id: int,
+    kept: dict[str, list[tuple[int, int, str]]] | None = None,
+) -> list[str]:
     """How a preserved domain's frames differ from what was preserved for it in ``boot_id``:
-    the reachable tables must be exactly the preserved frames, with the bytes they had."""
-    preserved = kho.preserved_by(tx, owner_tag(domain_id), boot_id)
+    the reachable tables must be exactly the preserved frames, with the bytes they had.
+
+    ``kept``: the boot's preservation records by owner (``frames_by_owner``), when the caller has read them."""
+    if kept is None:
+        preserved = {pfn: r.content_hash for pfn, r in kho.preserved_by(tx, owner_tag(domain_id), boot_id).items()}
+    else:
+        preserved = {pfn: h for pfn, _, h in kept.get(owner_tag(domain_id), [])}
     problems = []
     extra, missing = sorted(reachable - set(preserved)), sorted(set(preserved) - reachable)
     if extra or missing:
@@ -60,7 +79,7 @@ def preservation_problems(tx: Transaction, domain_id: int, reachable: set[int], 
     mem = tx.memory
     for batch in mem.batches(sorted(preserved)):
         for pfn in batch:
-            if mem.is_allocated(pfn) and kho.content_hash(mem.view(pfn)) != preserved[pfn].content_hash:
+            if mem.is_allocated(pfn) and kho.content_hash(mem.view(pfn)) != preserved[pfn]:
                 problems.append(f"frame {pfn:#x} of domain {domain_id} changed after preserve")
     return problems
 
@@ -95,7 +114,8 @@ def preserve_domain(tx: Transaction, domain_id: int, token: int, *, session_id: 
     kho.preserve_pages(tx, [(phys >> PAGE_SHIFT, 0) for phys in tables], owner_tag(domain_id), domain_id=domain_id)
     crashpoint("preserve")
     version = tx.machine.profile.writes
-    own = kho.preserved_by(tx, owner_tag(domain_id))
+    # the boot's records once, as written: the descriptor's frames digest and the entry's digests use them
+    kept = frames_by_owner(tx.conn, tx.machine.id, tx.machine.boot_id)
     desc = _domain_descriptor(
         version,
         format=dom.format,
@@ -106,7 +126,7 @@ def preserve_domain(tx: Transaction, domain_id: int, token: int, *, session_id: 
         sign_extend=pt.sign_extend,
         oasz_lg2=pt.max_oasz_lg2,
         features=sorted(f.value for f in pt.features),
-        frames_digest=frames_digest((r.pfn, r.order, r.content_hash) for r in own.values()),
+        frames_digest=frames_digest(kept.get(owner_tag(domain_id), [])),
     )
     fields: dict[str, Any] = {
         "machine_id": tx.machine.id,
@@ -119,7 +139,7 @@ def preserve_domain(tx: Transaction, domain_id: int, token: int, *, session_id: 
         "session_id": session_id,
         "abi_version": version,
     }
-    tx.conn.execute(insert(HandoverEntry).values(**fields, **compute_digests(tx.conn, **fields)))
+    tx.conn.execute(insert(HandoverEntry).values(**fields, **compute_digests(tx.conn, **fields, frames=kept)))
     dom.set_state("preserved")
     return desc
 

@@ -69,12 +69,6 @@ def preserve_pages(
     pages = list(pages)
     orders = dict(pages)
     mem = tx.memory
-    stored = mem.block_orders(orders)  # without the pages' bytes
-    for pfn, order in pages:
-        if pfn not in stored:
-            raise InvalidArgument(f"pfn {pfn:#x} is not allocated memory: nothing to preserve")
-        if stored[pfn] != order:
-            raise InvalidArgument(f"pfn {pfn:#x} is an order-{stored[pfn]} block, not order {order}")
     if len(orders) != len(pages):
         raise InvalidArgument("the same pfn is listed twice")
     existing = _rows(tx, tx.machine.boot_id, list(orders))
@@ -83,6 +77,11 @@ def preserve_pages(
         raise AlreadyExists(f"pfn {first.pfn:#x} is already preserved in this boot (by {first.preserved_by})")
     # a batch at a time, so that the pages are never all held: a failure part-way is rolled back with the call
     for batch in mem.batches(orders):
+        for pfn in batch:  # the batch is loaded: its blocks' orders are known without another query
+            if not mem.is_allocated(pfn):
+                raise InvalidArgument(f"pfn {pfn:#x} is not allocated memory: nothing to preserve")
+            if mem.order(pfn) != orders[pfn]:
+                raise InvalidArgument(f"pfn {pfn:#x} is an order-{mem.order(pfn)} block, not order {orders[pfn]}")
         rows = [
             {
                 "machine_id": tx.machine.id,
