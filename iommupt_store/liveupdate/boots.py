@@ -95,7 +95,7 @@ def liveupdate(machine: Machine, next_profile: str | None = None) -> SealReport:
         entries = read_entries(tx.conn, machine.id, machine.boot_id)
         kept = frames_by_owner(tx.conn, machine.id, machine.boot_id)
         domains, frames = _check_preserved(tx, entries, kept)
-        seal_sessions(tx)
+        seal_sessions(tx, entries)
         records = write_seal_records(tx, live_entries=sum(not e.deleted for e in entries))
         seal_handover(tx.conn, machine.boot_id, entries, kept, records)
         crashpoint("seal")

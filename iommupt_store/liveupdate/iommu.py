@@ -37,15 +37,7 @@ from ..machine import Transaction, atomic
 from ..memory import PAGE_SHIFT, PAGE_SIZE
 from . import kho
 from .digests import frames_digest, owner_tag
-from .integrity import (
-    LIVE,
-    StoredEntry,
-    compute_digests,
-    frames_by_owner,
-    read_entries,
-    restore_marker_problems,
-    verify_handover,
-)
+from .integrity import LIVE, StoredEntry, compute_digests, read_entries, restore_marker_problems, verify_handover
 
 MAX_TOKEN = (1 << 64) - 1
 
@@ -111,11 +103,12 @@ def preserve_domain(tx: Transaction, domain_id: int, token: int, *, session_id: 
         raise AlreadyExists(f"token {token:#x} is already used in this boot's handover (by {holder})")
     pt = dom.pt
     tables = pt.collect_tables()
-    kho.preserve_pages(tx, [(phys >> PAGE_SHIFT, 0) for phys in tables], owner_tag(domain_id), domain_id=domain_id)
+    # the domain's records as written: the descriptor's frames digest and the entry's digests cover them
+    own = kho.preserve_pages(
+        tx, [(phys >> PAGE_SHIFT, 0) for phys in tables], owner_tag(domain_id), domain_id=domain_id
+    )
     crashpoint("preserve")
     version = tx.machine.profile.writes
-    # the boot's records once, as written: the descriptor's frames digest and the entry's digests use them
-    kept = frames_by_owner(tx.conn, tx.machine.id, tx.machine.boot_id)
     desc = _domain_descriptor(
         version,
         format=dom.format,
@@ -126,7 +119,7 @@ def preserve_domain(tx: Transaction, domain_id: int, token: int, *, session_id: 
         sign_extend=pt.sign_extend,
         oasz_lg2=pt.max_oasz_lg2,
         features=sorted(f.value for f in pt.features),
-        frames_digest=frames_digest(kept.get(owner_tag(domain_id), [])),
+        frames_digest=frames_digest(own),
     )
     fields: dict[str, Any] = {
         "machine_id": tx.machine.id,
@@ -139,7 +132,8 @@ def preserve_domain(tx: Transaction, domain_id: int, token: int, *, session_id: 
         "session_id": session_id,
         "abi_version": version,
     }
-    tx.conn.execute(insert(HandoverEntry).values(**fields, **compute_digests(tx.conn, **fields, frames=kept)))
+    digests = compute_digests(tx.conn, **fields, frames={owner_tag(domain_id): own})
+    tx.conn.execute(insert(HandoverEntry).values(**fields, **digests))
     dom.set_state("preserved")
     return desc
 

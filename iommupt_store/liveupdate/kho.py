@@ -36,15 +36,20 @@ class PreservedPage:
     restored_boot_id: int | None
 
 
-def _rows(tx: Transaction, boot_id: int, pfns: Sequence[int]) -> dict[int, PreservedPage]:
-    """The boot's preservations of ``pfns`` (one query over the boot's records, filtered here:
-    cheaper than a long IN list)."""
-    wanted = set(pfns)
+def _boot_rows(tx: Transaction, boot_id: int) -> list[PreservedPage]:
+    """Every preservation record of the boot (one query)."""
     p = Preservation
     q = select(p.id, p.pfn, p.page_order, p.preserved_by, p.content_hash, p.restored_boot_id).where(
         p.machine_id == tx.machine.id, p.boot_id == boot_id
     )
-    return {r.pfn: PreservedPage(*r) for r in tx.conn.execute(q).all() if r.pfn in wanted}
+    return [PreservedPage(*r) for r in tx.conn.execute(q).all()]
+
+
+def _rows(tx: Transaction, boot_id: int, pfns: Sequence[int]) -> dict[int, PreservedPage]:
+    """The boot's preservations of ``pfns`` (one query over the boot's records, filtered here:
+    cheaper than a long IN list)."""
+    wanted = set(pfns)
+    return {r.pfn: r for r in _boot_rows(tx, boot_id) if r.pfn in wanted}
 
 
 def preserved_by(tx: Transaction, who: str, boot_id: int | None = None) -> dict[int, PreservedPage]:
@@ -61,27 +66,31 @@ def preserved_by(tx: Transaction, who: str, boot_id: int | None = None) -> dict[
 @atomic
 def preserve_pages(
     tx: Transaction, pages: Iterable[tuple[int, int]], who: str, *, domain_id: int | None = None
-) -> None:
-    """Record ``(pfn, order)`` runs as handed over by this boot (``kho_preserve_folio``).
+) -> list[tuple[int, int, str]]:
+    """Record ``(pfn, order)`` runs as handed over by this boot (``kho_preserve_folio``); returns
+    every page ``who`` has preserved in this boot, these included, as (pfn, order, content hash).
 
     ``domain_id`` names the domain whose table frames these are (recorded with each
     frame's level, for SQL inspection)."""
     pages = list(pages)
     orders = dict(pages)
     mem = tx.memory
+    stored = mem.block_orders(orders)  # without the pages' bytes
+    for pfn, order in pages:
+        if pfn not in stored:
+            raise InvalidArgument(f"pfn {pfn:#x} is not allocated memory: nothing to preserve")
+        if stored[pfn] != order:
+            raise InvalidArgument(f"pfn {pfn:#x} is an order-{stored[pfn]} block, not order {order}")
     if len(orders) != len(pages):
         raise InvalidArgument("the same pfn is listed twice")
-    existing = _rows(tx, tx.machine.boot_id, list(orders))
-    if existing:
-        first = next(iter(existing.values()))
+    recorded = _boot_rows(tx, tx.machine.boot_id)
+    first = next((r for r in recorded if r.pfn in orders), None)
+    if first is not None:
         raise AlreadyExists(f"pfn {first.pfn:#x} is already preserved in this boot (by {first.preserved_by})")
+    own = [(r.pfn, r.order, r.content_hash) for r in recorded if r.preserved_by == who]
     # a batch at a time, so that the pages are never all held: a failure part-way is rolled back with the call
     for batch in mem.batches(orders):
-        for pfn in batch:  # the batch is loaded: its blocks' orders are known without another query
-            if not mem.is_allocated(pfn):
-                raise InvalidArgument(f"pfn {pfn:#x} is not allocated memory: nothing to preserve")
-            if mem.order(pfn) != orders[pfn]:
-                raise InvalidArgument(f"pfn {pfn:#x} is an order-{mem.order(pfn)} block, not order {orders[pfn]}")
+        hashes = {pfn: content_hash(mem.view(pfn)) for pfn in batch}
         rows = [
             {
                 "machine_id": tx.machine.id,
@@ -89,13 +98,15 @@ def preserve_pages(
                 "page_order": orders[pfn],
                 "boot_id": tx.machine.boot_id,
                 "preserved_by": who,
-                "content_hash": content_hash(mem.view(pfn)),
+                "content_hash": hashes[pfn],
                 "domain_id": domain_id,
                 "level": mem.meta(pfn).get("level") if domain_id is not None else None,
             }
             for pfn in batch
         ]
         insert_rows(tx.conn, Preservation.__table__, rows)  # type: ignore[arg-type]
+        own += [(pfn, orders[pfn], hashes[pfn]) for pfn in batch]
+    return own
 
 
 @atomic
