@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, Table, insert, select
 
 from ..db.models import KhoRoot, LuoFile, LuoFlb, LuoSession
 from ..db.models import KhoSubnode as KhoSubnodeRow
@@ -85,8 +85,9 @@ class KhoRootRecord(_Record):
 
 def write_records(conn: Connection, machine_id: int, boot_id: int, rec: KhoRootRecord) -> None:
     """Store ``rec`` as the handover records of ``boot_id`` (sessions not yet stored become sealed sessions)."""
+    root: Table = KhoRoot.__table__  # type: ignore[assignment]  # Core: compiled without the ORM layer
     conn.execute(
-        insert(KhoRoot).values(
+        insert(root).values(
             machine_id=machine_id,
             boot_id=boot_id,
             compatible=rec.compatible,
@@ -120,7 +121,7 @@ def write_records(conn: Connection, machine_id: int, boot_id: int, rec: KhoRootR
 def _insert_many(conn: Connection, model: Any, rows: list[dict[str, Any]]) -> None:
     """One executemany per table (an empty list inserts nothing: executemany needs a row)."""
     if rows:
-        conn.execute(insert(model), rows)
+        conn.execute(insert(model.__table__), rows)
 
 
 def read_records(conn: Connection, boot_id: int) -> KhoRootRecord | None:

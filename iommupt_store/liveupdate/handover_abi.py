@@ -72,13 +72,17 @@ def preflight(tx: Transaction, to: KernelProfile) -> CompatReport:
 
 def kexec_count_before(tx: Transaction) -> int:
     """The kexec count this boot inherited: the previous handover's, if this boot read it; else 0."""
-    boot = tx.conn.execute(select(Boot.handover_discarded).where(Boot.id == tx.machine.boot_id)).one()
-    prev = tx.conn.execute(
-        select(Boot.id, Boot.end_kind).where(
-            Boot.machine_id == tx.machine.id, Boot.number == tx.machine.boot_number - 1
-        )
-    ).first()
-    if prev is None or prev.end_kind != "liveupdate" or boot.handover_discarded is not None:
+    b, n = Boot.__table__.c, tx.machine.boot_number  # Core columns: compiled without the ORM layer
+    boots = {
+        r.number: r
+        for r in tx.conn.execute(
+            select(b.id, b.number, b.end_kind, b.handover_discarded).where(
+                b.machine_id == tx.machine.id, b.number.between(n - 1, n)
+            )
+        ).all()
+    }
+    prev = boots.get(n - 1)
+    if prev is None or prev.end_kind != "liveupdate" or boots[n].handover_discarded is not None:
         return 0
     rec = read_records(tx.conn, prev.id)
     return rec.kexec.kexec_count if rec is not None and rec.kexec is not None else 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, Table, delete, insert, select, update
 
 from .. import mappings
 from ..abi import catalogue
@@ -40,6 +40,7 @@ from .digests import frames_digest, owner_tag
 from .integrity import LIVE, StoredEntry, compute_digests, read_entries, restore_marker_problems, verify_handover
 
 MAX_TOKEN = (1 << 64) - 1
+_ENTRIES: Table = HandoverEntry.__table__  # type: ignore[assignment]
 
 
 #: an entry of the previous boot's handover, as ``incoming_entries`` lists it
@@ -91,10 +92,9 @@ def preserve_domain(tx: Transaction, domain_id: int, token: int, *, session_id: 
         raise NotPermitted(f"domain {domain_id} was restored after a live update and cannot be preserved again")
     if dom.state != "live":
         raise NotFound(f"domain {domain_id} has been freed")
+    h = _ENTRIES.c  # Core columns: compiled without the ORM layer (see integrity.py)
     dup = tx.conn.execute(
-        select(HandoverEntry.kind, HandoverEntry.domain_id, HandoverEntry.flags).where(
-            HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.token == token
-        )
+        select(h.kind, h.domain_id, h.flags).where(h.boot_id == tx.machine.boot_id, h.token == token)
     ).first()
     if dup is not None:
         if dup.flags & FLAG_DELETED:
@@ -133,7 +133,7 @@ def preserve_domain(tx: Transaction, domain_id: int, token: int, *, session_id: 
         "abi_version": version,
     }
     digests = compute_digests(tx.conn, **fields, frames={owner_tag(domain_id): own})
-    tx.conn.execute(insert(HandoverEntry).values(**fields, **digests))
+    tx.conn.execute(insert(_ENTRIES).values(**fields, **digests))
     dom.set_state("preserved")
     return desc
 

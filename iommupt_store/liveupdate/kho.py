@@ -38,7 +38,7 @@ class PreservedPage:
 
 def _boot_rows(tx: Transaction, boot_id: int) -> list[PreservedPage]:
     """Every preservation record of the boot (one query)."""
-    p = Preservation
+    p = Preservation.__table__.c  # Core columns: compiled without the ORM layer
     q = select(p.id, p.pfn, p.page_order, p.preserved_by, p.content_hash, p.restored_boot_id).where(
         p.machine_id == tx.machine.id, p.boot_id == boot_id
     )

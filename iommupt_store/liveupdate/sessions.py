@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, Table, delete, insert, select, update
 
 from ..abi import catalogue
 from ..abi.catalogue import DeviceDescriptorV1, DeviceDescriptorV2, dma_owner_token, dump_descriptor
@@ -203,9 +203,10 @@ def seal_sessions(tx: Transaction, entries: list[StoredEntry]) -> None:
             from .boots import SealRefused
 
             raise SealRefused(f"token {e.token:#x}: the preserved device attachment changed")
+    sessions: Table = LuoSession.__table__  # type: ignore[assignment]  # Core: compiled without the ORM layer
     tx.conn.execute(
-        update(LuoSession)
-        .where(LuoSession.boot_id == tx.machine.boot_id, LuoSession.state == "open")
+        update(sessions)
+        .where(sessions.c.boot_id == tx.machine.boot_id, sessions.c.state == "open")
         .values(state="sealed")
     )
 
