@@ -75,38 +75,40 @@ def preserve_pages(
     pages = list(pages)
     orders = dict(pages)
     mem = tx.memory
-    stored = mem.block_orders(orders)  # without the pages' bytes
-    for pfn, order in pages:
-        if pfn not in stored:
-            raise InvalidArgument(f"pfn {pfn:#x} is not allocated memory: nothing to preserve")
-        if stored[pfn] != order:
-            raise InvalidArgument(f"pfn {pfn:#x} is an order-{stored[pfn]} block, not order {order}")
     if len(orders) != len(pages):
+        stored = mem.block_orders(orders)  # a listing that does not fit is named before the repeat
+        for pfn, order in pages:
+            _check_block(pfn, stored.get(pfn), order)
         raise InvalidArgument("the same pfn is listed twice")
+    # a batch at a time, so that the pages are never all held; each batch is checked as it is read (its
+    # blocks' orders come with it) and nothing is written before every check has passed
+    new: list[tuple[int, int, str, int | None]] = []
+    for batch in mem.batches(orders):
+        for pfn in batch:
+            _check_block(pfn, mem.order(pfn) if mem.is_allocated(pfn) else None, orders[pfn])
+            level = mem.meta(pfn).get("level") if domain_id is not None else None
+            new.append((pfn, orders[pfn], content_hash(mem.view(pfn)), level))
     recorded = _boot_rows(tx, tx.machine.boot_id)
     first = next((r for r in recorded if r.pfn in orders), None)
     if first is not None:
         raise AlreadyExists(f"pfn {first.pfn:#x} is already preserved in this boot (by {first.preserved_by})")
-    own = [(r.pfn, r.order, r.content_hash) for r in recorded if r.preserved_by == who]
-    # a batch at a time, so that the pages are never all held: a failure part-way is rolled back with the call
-    for batch in mem.batches(orders):
-        hashes = {pfn: content_hash(mem.view(pfn)) for pfn in batch}
+    owner = {"machine_id": tx.machine.id, "boot_id": tx.machine.boot_id, "preserved_by": who, "domain_id": domain_id}
+    for i in range(0, len(new), _CHUNK):
         rows = [
-            {
-                "machine_id": tx.machine.id,
-                "pfn": pfn,
-                "page_order": orders[pfn],
-                "boot_id": tx.machine.boot_id,
-                "preserved_by": who,
-                "content_hash": hashes[pfn],
-                "domain_id": domain_id,
-                "level": mem.meta(pfn).get("level") if domain_id is not None else None,
-            }
-            for pfn in batch
+            {**owner, "pfn": pfn, "page_order": order, "content_hash": h, "level": level}
+            for pfn, order, h, level in new[i : i + _CHUNK]
         ]
         insert_rows(tx.conn, Preservation.__table__, rows)  # type: ignore[arg-type]
-        own += [(pfn, orders[pfn], hashes[pfn]) for pfn in batch]
-    return own
+    own = [(r.pfn, r.order, r.content_hash) for r in recorded if r.preserved_by == who]
+    return own + [(pfn, order, h) for pfn, order, h, _ in new]
+
+
+def _check_block(pfn: int, stored: int | None, order: int) -> None:
+    """``pfn`` must be an allocated block (of order ``stored``; None: not allocated) of exactly ``order``."""
+    if stored is None:
+        raise InvalidArgument(f"pfn {pfn:#x} is not allocated memory: nothing to preserve")
+    if stored != order:
+        raise InvalidArgument(f"pfn {pfn:#x} is an order-{stored} block, not order {order}")
 
 
 @atomic
