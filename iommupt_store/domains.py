@@ -345,24 +345,20 @@ def get_domain(tx: Transaction, domain_id: int) -> Domain:
     domains = _loaded(tx)
     if domain_id in domains:
         return domains[domain_id]
-    row = (
-        tx.conn.execute(
-            select(DomainRow.__table__).where(DomainRow.id == domain_id, DomainRow.machine_id == tx.machine.id)
-        )
-        .mappings()
-        .first()
-    )
+    d, p = DomainRow.__table__.c, Page.__table__.c  # Core columns: compiled without the ORM layer
+    q = select(DomainRow.__table__).where(d.id == domain_id, d.machine_id == tx.machine.id)
+    row = tx.conn.execute(q).mappings().first()
     if row is None:
         raise NotFound(f"no domain {domain_id} on machine {tx.machine.name!r}")
     pt = None
     if row["state"] != "freed":
         # checked in SQL: the frames themselves are read only when a walk reaches them
         bad = tx.conn.execute(
-            select(Page.pfn)
+            select(p.pfn)
             .where(
-                Page.machine_id == tx.machine.id,
-                Page.domain_id == domain_id,
-                or_(Page.page_order != 0, func.length(Page.contents) != PAGE_SIZE),
+                p.machine_id == tx.machine.id,
+                p.domain_id == domain_id,
+                or_(p.page_order != 0, func.length(p.contents) != PAGE_SIZE),
             )
             .limit(1)
         ).scalar()

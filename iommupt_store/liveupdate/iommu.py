@@ -307,9 +307,8 @@ def descriptor_mismatches(
     fields: tuple[str, ...] = GEOMETRY_FIELDS,
 ) -> list[str]:
     """How a domain descriptor differs from the preserved domain it names (its row keeps the geometry)."""
-    row = conn.execute(
-        select(DomainRow.__table__).where(DomainRow.id == domain_id, DomainRow.machine_id == machine_id)
-    ).first()
+    d = DomainRow.__table__.c  # the statement get_domain runs (compiled once)
+    row = conn.execute(select(DomainRow.__table__).where(d.id == domain_id, d.machine_id == machine_id)).first()
     if row is None:
         return [f"it names domain {domain_id}, which does not exist"]
     fmt, features, vasz = stored_geometry(row._mapping)
