@@ -347,13 +347,9 @@ def get_domain(tx: Transaction, domain_id: int) -> Domain:
     domains = _loaded(tx)
     if domain_id in domains:
         return domains[domain_id]
-    row = (
-        tx.conn.execute(
-            select(DomainRow.__table__).where(DomainRow.id == domain_id, DomainRow.machine_id == tx.machine.id)
-        )
-        .mappings()
-        .first()
-    )
+    d = DomainRow.__table__.c  # Core columns: compiled without the ORM layer
+    q = select(DomainRow.__table__).where(d.id == domain_id, d.machine_id == tx.machine.id)
+    row = tx.conn.execute(q).mappings().first()
     if row is None:
         raise NotFound(f"no domain {domain_id} on machine {tx.machine.name!r}")
     # frames are read (and checked to be whole pages) only when a walk reaches them

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, Table, insert, select
 
 from ..db.models import KhoRoot, LuoFile, LuoFlb, LuoSession
 from ..db.models import KhoSubnode as KhoSubnodeRow
@@ -85,8 +85,9 @@ class KhoRootRecord(_Record):
 
 def write_records(conn: Connection, machine_id: int, boot_id: int, rec: KhoRootRecord) -> None:
     """Store ``rec`` as the handover records of ``boot_id`` (sessions not yet stored become sealed sessions)."""
+    root: Table = KhoRoot.__table__  # type: ignore[assignment]  # Core: compiled without the ORM layer
     conn.execute(
-        insert(KhoRoot).values(
+        insert(root).values(
             machine_id=machine_id,
             boot_id=boot_id,
             compatible=rec.compatible,
@@ -120,7 +121,7 @@ def write_records(conn: Connection, machine_id: int, boot_id: int, rec: KhoRootR
 def _insert_many(conn: Connection, model: Any, rows: list[dict[str, Any]]) -> None:
     """One executemany per table (an empty list inserts nothing: executemany needs a row)."""
     if rows:
-        conn.execute(insert(model), rows)
+        conn.execute(insert(model.__table__), rows)
 
 
 def read_records(conn: Connection, boot_id: int) -> KhoRootRecord | None:
@@ -176,7 +177,13 @@ def read_records(conn: Connection, boot_id: int) -> KhoRootRecord | None:
         raise BadData(describe_errors(e, f"handover records of boot row {boot_id}")) from None
 
 
-def records_json(conn: Connection, boot_id: int) -> Any:
-    """The records as JSON (what the seal digest covers), or None."""
+def records_json(conn: Connection, boot_id: int, *, written: KhoRootRecord | None = None) -> Any:
+    """The records as JSON (what the seal digest covers), or None.
+
+    ``written``: the record just stored for the boot. It is used as it is, without reading the rows
+    back, when the rows would give it back unchanged: it has no subnodes or sessions and at most one
+    FLB, so no order of the database's choosing is involved."""
+    if written is not None and not written.subnodes and not written.sessions and len(written.flbs) <= 1:
+        return written.model_dump(mode="json")
     rec = read_records(conn, boot_id)
     return None if rec is None else rec.model_dump(mode="json")

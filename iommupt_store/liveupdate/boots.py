@@ -9,7 +9,7 @@ can be restored.
 
 from __future__ import annotations
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 
 from .. import mappings
 from ..abi import catalogue
@@ -27,7 +27,7 @@ from ..reports import HandoverEntryInfo, HandoverReport, SealReport
 from . import kho
 from .digests import owner_tag
 from .handover_abi import PreflightRefused, judge_incoming, preflight, write_seal_records
-from .integrity import LIVE, handover_problems, seal_handover
+from .integrity import LIVE, StoredEntry, frames_by_owner, handover_problems, read_entries, seal_handover
 from .iommu import descriptor_mismatches, incoming_entries, preservation_problems
 from .sessions import on_boot_start as on_session_boot_start
 from .sessions import seal_sessions
@@ -43,16 +43,19 @@ def check_preserved(tx: Transaction) -> tuple[int, int]:
     Frames reachable from the top must be exactly the frames preserved for the
     domain, with the bytes they had when preserved.
     """
-    h = HandoverEntry
-    entries = tx.conn.execute(
-        select(h.token, h.descriptor, h.domain_id, h.abi_version)
-        .where(h.boot_id == tx.machine.boot_id, h.kind == "domain", LIVE)
-        .order_by(h.token)
-    ).all()
+    mid, boot_id = tx.machine.id, tx.machine.boot_id
+    return _check_preserved(tx, read_entries(tx.conn, mid, boot_id), frames_by_owner(tx.conn, mid, boot_id))
+
+
+def _check_preserved(
+    tx: Transaction, entries: list[StoredEntry], kept: dict[str, list[tuple[int, int, str]]]
+) -> tuple[int, int]:
+    """``check_preserved`` over the boot's handover ``entries`` and preservation records ``kept``, as read."""
+    domain_entries = [e for e in entries if e.kind == "domain" and not e.deleted]
     frames = 0
-    for token, raw_desc, domain_id, version in entries:
-        where = f"token {token:#x}"
-        desc = catalogue.parse_descriptor("domain", version, raw_desc, f"descriptor of {where}")
+    for e in domain_entries:
+        where, domain_id = f"token {e.token:#x}", e.domain_id
+        desc = catalogue.parse_descriptor("domain", e.abi_version, e.descriptor, f"descriptor of {where}")
         if domain_id is None:
             raise SealRefused(f"{where}: the entry names no domain")
         dom = get_domain(tx, domain_id)
@@ -66,15 +69,15 @@ def check_preserved(tx: Transaction) -> tuple[int, int]:
             reachable = {phys >> PAGE_SHIFT for phys in pt.collect_tables()}
         except BadData as e:
             raise SealRefused(f"{where}: domain {domain_id}: {e}") from e
-        problems = preservation_problems(tx, domain_id, reachable, tx.machine.boot_id)
+        problems = preservation_problems(tx, domain_id, reachable, tx.machine.boot_id, kept)
         if problems:
             raise SealRefused(f"{where}: {problems[0]}")
         frames += len(reachable)
     # what no check above looks at (tokens, sessions, devices, preservation records) must be as written
-    problems = handover_problems(tx.conn, tx.machine.id, tx.machine.boot_id, sealed=False)
+    problems = handover_problems(tx.conn, tx.machine.id, tx.machine.boot_id, sealed=False, entries=entries, frames=kept)
     if problems:
         raise SealRefused(problems[0])
-    return len(entries), frames
+    return len(domain_entries), frames
 
 
 def liveupdate(machine: Machine, next_profile: str | None = None) -> SealReport:
@@ -88,22 +91,22 @@ def liveupdate(machine: Machine, next_profile: str | None = None) -> SealReport:
             report = preflight(tx, get_profile(next_profile))
             if not report.readable:
                 raise PreflightRefused(report)
-        domains, frames = check_preserved(tx)
-        seal_sessions(tx)
-        kexec_count = write_seal_records(tx)
-        seal_handover(tx.conn, machine.id, machine.boot_id)
-        pages = tx.conn.execute(
-            select(func.count()).select_from(Preservation).where(Preservation.boot_id == machine.boot_id)
-        ).scalar_one()
+        # read once: the checks, the records and the seal see the same rows (sealing sessions changes neither)
+        entries = read_entries(tx.conn, machine.id, machine.boot_id)
+        kept = frames_by_owner(tx.conn, machine.id, machine.boot_id)
+        domains, frames = _check_preserved(tx, entries, kept)
+        seal_sessions(tx, entries)
+        records = write_seal_records(tx, live_entries=sum(not e.deleted for e in entries))
+        seal_handover(tx.conn, machine.boot_id, entries, kept, records)
         crashpoint("seal")
         machine.end_boot(tx, "liveupdate")
     return SealReport(
         boot=machine.boot_number,
         domains=domains,
         frames=frames,
-        pages_preserved=pages,
+        pages_preserved=sum(len(own) for own in kept.values()),
         kernel_profile=machine.profile_name,
-        kexec_count=kexec_count,
+        kexec_count=records.kexec.kexec_count if records is not None and records.kexec is not None else None,
         next=report,
     )
 

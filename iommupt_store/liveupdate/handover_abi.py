@@ -72,42 +72,39 @@ def preflight(tx: Transaction, to: KernelProfile) -> CompatReport:
 
 def kexec_count_before(tx: Transaction) -> int:
     """The kexec count this boot inherited: the previous handover's, if this boot read it; else 0."""
-    boot = tx.conn.execute(select(Boot.handover_discarded).where(Boot.id == tx.machine.boot_id)).one()
-    prev = tx.conn.execute(
-        select(Boot.id, Boot.end_kind).where(
-            Boot.machine_id == tx.machine.id, Boot.number == tx.machine.boot_number - 1
-        )
-    ).first()
-    if prev is None or prev.end_kind != "liveupdate" or boot.handover_discarded is not None:
+    b, n = Boot.__table__.c, tx.machine.boot_number  # Core columns: compiled without the ORM layer
+    boots = {
+        r.number: r
+        for r in tx.conn.execute(
+            select(b.id, b.number, b.end_kind, b.handover_discarded).where(
+                b.machine_id == tx.machine.id, b.number.between(n - 1, n)
+            )
+        ).all()
+    }
+    prev = boots.get(n - 1)
+    if prev is None or prev.end_kind != "liveupdate" or boots[n].handover_discarded is not None:
         return 0
     rec = read_records(tx.conn, prev.id)
     return rec.kexec.kexec_count if rec is not None and rec.kexec is not None else 0
 
 
-def write_seal_records(tx: Transaction) -> int | None:
-    """Record this boot's KHO root, kexec-metadata, LUO header and IOMMU FLB; returns the kexec count
-    (None for a profile whose kernel writes no kexec-metadata: its handover is stored as before)."""
+def write_seal_records(tx: Transaction, live_entries: int) -> KhoRootRecord | None:
+    """Record this boot's KHO root, kexec-metadata, LUO header and IOMMU FLB (counting the boot's
+    ``live_entries`` handover entries); returns what was written (None for a profile whose kernel writes
+    no kexec-metadata: its handover is stored as before)."""
     p = tx.machine.profile
     if not p.kexec_metadata:
         return None
     count = kexec_count_before(tx) + 1
-    h = HandoverEntry
-    iommu_objects = tx.conn.execute(
-        select(func.count()).select_from(h).where(h.boot_id == tx.machine.boot_id, LIVE)
-    ).scalar_one()
-    write_records(
-        tx.conn,
-        tx.machine.id,
-        tx.machine.boot_id,
-        KhoRootRecord(
-            compatible=p.kho,
-            writer_profile=p.name,
-            kexec=KexecMetadata(previous_release=p.release, kexec_count=count),
-            luo=LuoHeader(compatible=p.luo, liveupdate_num=count),
-            flbs=[LuoFlbRecord(name=p.iommu, data=0, count=iommu_objects)],
-        ),
+    rec = KhoRootRecord(
+        compatible=p.kho,
+        writer_profile=p.name,
+        kexec=KexecMetadata(previous_release=p.release, kexec_count=count),
+        luo=LuoHeader(compatible=p.luo, liveupdate_num=count),
+        flbs=[LuoFlbRecord(name=p.iommu, data=0, count=live_entries)],
     )
-    return count
+    write_records(tx.conn, tx.machine.id, tx.machine.boot_id, rec)
+    return rec
 
 
 def judge_incoming(tx: Transaction, prev_id: int, prev_number: int) -> str | None:

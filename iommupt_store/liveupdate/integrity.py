@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, Table, select, update
 
 from ..abi.catalogue import FLAG_DELETED
-from ..abi.records import records_json
+from ..abi.records import KhoRootRecord, records_json
 from ..db.models import Boot, HandoverEntry, LuoSession, Preservation
 from ..db.models import Domain as DomainRow
 from ..errors import BadData
@@ -51,40 +51,45 @@ class StoredEntry:
         return f"handover entry {self.token:#x} (handover_entry row {self.id})"
 
 
-_ENTRY_COLUMNS = [getattr(HandoverEntry, name) for name in StoredEntry.__dataclass_fields__]
+# Core columns (``__table__.c``) in the statements every seal and restore runs: without the ORM layer each
+# compiles (once per engine, i.e. once per process) in about half the time
+_BOOT: Table = Boot.__table__  # type: ignore[assignment]
+_H, _P, _B = HandoverEntry.__table__.c, Preservation.__table__.c, _BOOT.c
+_ENTRY_COLUMNS = [_H[name] for name in StoredEntry.__dataclass_fields__]
 #: SQL: the entry's slot is live (a DELETED slot stays, so its token is never reused, but nothing reads it)
 LIVE = HandoverEntry.flags.bitwise_and(FLAG_DELETED) == 0
 
 
 def read_entries(conn: Connection, machine_id: int, boot_id: int) -> list[StoredEntry]:
     """Every handover entry ``boot_id`` wrote, in token order."""
-    h = HandoverEntry
+    h = _H
     rows = conn.execute(select(*_ENTRY_COLUMNS).where(h.machine_id == machine_id, h.boot_id == boot_id)).all()
     return sorted((StoredEntry(*r) for r in rows), key=lambda e: e.token)
 
 
-def _frames(conn: Connection, machine_id: int, boot_id: int) -> dict[str, list[tuple[int, int, str]]]:
+def frames_by_owner(conn: Connection, machine_id: int, boot_id: int) -> dict[str, list[tuple[int, int, str]]]:
     """(pfn, order, content hash) of the boot's preservation records, by who preserved them."""
-    p = Preservation
+    p = _P
     out: dict[str, list[tuple[int, int, str]]] = {}
     for pfn, order, who, h in conn.execute(
         select(p.pfn, p.page_order, p.preserved_by, p.content_hash).where(
             p.machine_id == machine_id, p.boot_id == boot_id
         )
-    ):
+    ).all():  # fetchall: much cheaper per row than iterating the cursor
         out.setdefault(who, []).append((pfn, order, h))
     return out
 
 
 def _boot_number(conn: Connection, boot_id: int) -> int:
-    number = conn.execute(select(Boot.number).where(Boot.id == boot_id)).scalar()
+    number = conn.execute(select(_B.number).where(_B.id == boot_id)).scalar()
     if number is None:
         raise BadData(f"boot row {boot_id} does not exist")
     return int(number)
 
 
 def _session_names(conn: Connection, boot_id: int) -> dict[int, str]:
-    rows = conn.execute(select(LuoSession.id, LuoSession.name).where(LuoSession.boot_id == boot_id)).all()
+    s = LuoSession.__table__.c
+    rows = conn.execute(select(s.id, s.name).where(s.boot_id == boot_id)).all()
     return {i: n for i, n in rows}
 
 
@@ -107,7 +112,7 @@ def compute_digests(
     """``digest`` and ``frames_digest`` of an entry with these fields, from the rows as stored now
     (a DELETED slot owns no frames: its domain may be preserved again under another token)."""
     if frames is None:
-        frames = _frames(conn, machine_id, boot_id)
+        frames = frames_by_owner(conn, machine_id, boot_id)
     owns_frames = kind == "domain" and not flags & FLAG_DELETED
     own = frames.get(owner_tag(domain_id), []) if owns_frames and domain_id is not None else []
     session_name = _session_names(conn, boot_id).get(session_id) if session_id is not None else None
@@ -149,32 +154,42 @@ def _recompute(conn: Connection, e: StoredEntry, frames: dict[str, list[tuple[in
     )
 
 
-def _seal(conn: Connection, machine_id: int, boot_id: int, entries: list[StoredEntry]) -> str:
-    p = Preservation
-    kept = conn.execute(
-        select(p.pfn, p.page_order, p.preserved_by, p.content_hash).where(
-            p.machine_id == machine_id, p.boot_id == boot_id
-        )
-    ).all()
+def _seal(
+    conn: Connection,
+    boot_id: int,
+    entries: list[StoredEntry],
+    frames: dict[str, list[tuple[int, int, str]]],
+    records: Any,
+) -> str:
     return seal_digest(
         boot_id=boot_id,
         boot_number=_boot_number(conn, boot_id),
         entries=[(e.token, e.digest, e.frames_digest) for e in entries],
         sessions=list(_session_names(conn, boot_id).items()),
-        preservations=[(pfn, order, who, h) for pfn, order, who, h in kept],
+        preservations=[(pfn, order, who, h) for who, own in frames.items() for pfn, order, h in own],
         profile=_boot_profile(conn, boot_id),
-        records=records_json(conn, boot_id),
+        records=records,
     )
 
 
 def _boot_profile(conn: Connection, boot_id: int) -> str:
-    return str(conn.execute(select(Boot.kernel_profile).where(Boot.id == boot_id)).scalar())
+    return str(conn.execute(select(_B.kernel_profile).where(_B.id == boot_id)).scalar())
 
 
-def handover_problems(conn: Connection, machine_id: int, boot_id: int, *, sealed: bool) -> list[str]:
-    """How the handover ``boot_id`` wrote differs from what was recorded (with its seal, when ``sealed``)."""
-    entries = read_entries(conn, machine_id, boot_id)
-    frames = _frames(conn, machine_id, boot_id)
+def handover_problems(
+    conn: Connection,
+    machine_id: int,
+    boot_id: int,
+    *,
+    sealed: bool,
+    entries: list[StoredEntry] | None = None,
+    frames: dict[str, list[tuple[int, int, str]]] | None = None,
+) -> list[str]:
+    """How the handover ``boot_id`` wrote differs from what was recorded (with its seal, when ``sealed``).
+
+    ``entries`` and ``frames``: what ``read_entries`` and ``frames_by_owner`` give, when the caller has read them."""
+    entries = read_entries(conn, machine_id, boot_id) if entries is None else entries
+    frames = frames_by_owner(conn, machine_id, boot_id) if frames is None else frames
     number = _boot_number(conn, boot_id)
     names = _session_names(conn, boot_id)
     problems = []
@@ -196,7 +211,7 @@ def handover_problems(conn: Connection, machine_id: int, boot_id: int, *, sealed
         stored = conn.execute(select(Boot.handover_digest).where(Boot.id == boot_id)).scalar()
         if stored is None:
             problems.append(f"boot {number} ended with a live update but its handover carries no seal digest")
-        elif _seal(conn, machine_id, boot_id, entries) != stored:
+        elif _seal(conn, boot_id, entries, frames, records_json(conn, boot_id)) != stored:
             problems.append(
                 f"the handover of boot {number} differs from what its seal recorded "
                 "(an entry, session, preservation record, the kernel profile, kexec metadata or another KHO/LUO "
@@ -213,10 +228,17 @@ def verify_handover(conn: Connection, machine_id: int, boot_id: int, *, sealed: 
         raise BadData(f"{problems[0]}{more}")
 
 
-def seal_handover(conn: Connection, machine_id: int, boot_id: int) -> None:
-    """Record the seal digest over the boot's whole handover (at the seal, before the boot ends)."""
-    digest = _seal(conn, machine_id, boot_id, read_entries(conn, machine_id, boot_id))
-    conn.execute(update(Boot).where(Boot.id == boot_id).values(handover_digest=digest))
+def seal_handover(
+    conn: Connection,
+    boot_id: int,
+    entries: list[StoredEntry],
+    frames: dict[str, list[tuple[int, int, str]]],
+    records: KhoRootRecord | None,
+) -> None:
+    """Record the seal digest over the boot's whole handover (at the seal, before the boot ends): its
+    ``entries`` and ``frames`` as read in the sealing transaction, and the ``records`` it just wrote."""
+    digest = _seal(conn, boot_id, entries, frames, records_json(conn, boot_id, written=records))
+    conn.execute(update(_BOOT).where(_B.id == boot_id).values(handover_digest=digest))
 
 
 def restore_marker_problems(conn: Connection, e: StoredEntry, current_boot_id: int | None = None) -> list[str]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, Table, delete, insert, select, update
 
 from .. import mappings
 from ..abi import catalogue
@@ -40,16 +40,28 @@ from .digests import frames_digest, owner_tag
 from .integrity import LIVE, StoredEntry, compute_digests, read_entries, restore_marker_problems, verify_handover
 
 MAX_TOKEN = (1 << 64) - 1
+_ENTRIES: Table = HandoverEntry.__table__  # type: ignore[assignment]
 
 
 #: an entry of the previous boot's handover, as ``incoming_entries`` lists it
 IncomingEntry = StoredEntry
 
 
-def preservation_problems(tx: Transaction, domain_id: int, reachable: set[int], boot_id: int) -> list[str]:
+def preservation_problems(
+    tx: Transaction,
+    domain_id: int,
+    reachable: set[int],
+    boot_id: int,
+    kept: dict[str, list[tuple[int, int, str]]] | None = None,
+) -> list[str]:
     """How a preserved domain's frames differ from what was preserved for it in ``boot_id``:
-    the reachable tables must be exactly the preserved frames, with the bytes they had."""
-    preserved = kho.preserved_by(tx, owner_tag(domain_id), boot_id)
+    the reachable tables must be exactly the preserved frames, with the bytes they had.
+
+    ``kept``: the boot's preservation records by owner (``frames_by_owner``), when the caller has read them."""
+    if kept is None:
+        preserved = {pfn: r.content_hash for pfn, r in kho.preserved_by(tx, owner_tag(domain_id), boot_id).items()}
+    else:
+        preserved = {pfn: h for pfn, _, h in kept.get(owner_tag(domain_id), [])}
     problems = []
     extra, missing = sorted(reachable - set(preserved)), sorted(set(preserved) - reachable)
     if extra or missing:
@@ -60,7 +72,7 @@ def preservation_problems(tx: Transaction, domain_id: int, reachable: set[int], 
     mem = tx.memory
     for batch in mem.batches(sorted(preserved)):
         for pfn in batch:
-            if mem.is_allocated(pfn) and kho.content_hash(mem.view(pfn)) != preserved[pfn].content_hash:
+            if mem.is_allocated(pfn) and kho.content_hash(mem.view(pfn)) != preserved[pfn]:
                 problems.append(f"frame {pfn:#x} of domain {domain_id} changed after preserve")
     return problems
 
@@ -80,10 +92,9 @@ def preserve_domain(tx: Transaction, domain_id: int, token: int, *, session_id: 
         raise NotPermitted(f"domain {domain_id} was restored after a live update and cannot be preserved again")
     if dom.state != "live":
         raise NotFound(f"domain {domain_id} has been freed")
+    h = _ENTRIES.c  # Core columns: compiled without the ORM layer (see integrity.py)
     dup = tx.conn.execute(
-        select(HandoverEntry.kind, HandoverEntry.domain_id, HandoverEntry.flags).where(
-            HandoverEntry.boot_id == tx.machine.boot_id, HandoverEntry.token == token
-        )
+        select(h.kind, h.domain_id, h.flags).where(h.boot_id == tx.machine.boot_id, h.token == token)
     ).first()
     if dup is not None:
         if dup.flags & FLAG_DELETED:
@@ -92,10 +103,12 @@ def preserve_domain(tx: Transaction, domain_id: int, token: int, *, session_id: 
         raise AlreadyExists(f"token {token:#x} is already used in this boot's handover (by {holder})")
     pt = dom.pt
     tables = pt.collect_tables()
-    kho.preserve_pages(tx, [(phys >> PAGE_SHIFT, 0) for phys in tables], owner_tag(domain_id), domain_id=domain_id)
+    # the domain's records as written: the descriptor's frames digest and the entry's digests cover them
+    own = kho.preserve_pages(
+        tx, [(phys >> PAGE_SHIFT, 0) for phys in tables], owner_tag(domain_id), domain_id=domain_id
+    )
     crashpoint("preserve")
     version = tx.machine.profile.writes
-    own = kho.preserved_by(tx, owner_tag(domain_id))
     desc = _domain_descriptor(
         version,
         format=dom.format,
@@ -106,7 +119,7 @@ def preserve_domain(tx: Transaction, domain_id: int, token: int, *, session_id: 
         sign_extend=pt.sign_extend,
         oasz_lg2=pt.max_oasz_lg2,
         features=sorted(f.value for f in pt.features),
-        frames_digest=frames_digest((r.pfn, r.order, r.content_hash) for r in own.values()),
+        frames_digest=frames_digest(own),
     )
     fields: dict[str, Any] = {
         "machine_id": tx.machine.id,
@@ -119,7 +132,8 @@ def preserve_domain(tx: Transaction, domain_id: int, token: int, *, session_id: 
         "session_id": session_id,
         "abi_version": version,
     }
-    tx.conn.execute(insert(HandoverEntry).values(**fields, **compute_digests(tx.conn, **fields)))
+    digests = compute_digests(tx.conn, **fields, frames={owner_tag(domain_id): own})
+    tx.conn.execute(insert(_ENTRIES).values(**fields, **digests))
     dom.set_state("preserved")
     return desc
 
@@ -293,9 +307,8 @@ def descriptor_mismatches(
     fields: tuple[str, ...] = GEOMETRY_FIELDS,
 ) -> list[str]:
     """How a domain descriptor differs from the preserved domain it names (its row keeps the geometry)."""
-    row = conn.execute(
-        select(DomainRow.__table__).where(DomainRow.id == domain_id, DomainRow.machine_id == machine_id)
-    ).first()
+    d = DomainRow.__table__.c  # the statement get_domain runs (compiled once)
+    row = conn.execute(select(DomainRow.__table__).where(d.id == domain_id, d.machine_id == machine_id)).first()
     if row is None:
         return [f"it names domain {domain_id}, which does not exist"]
     fmt, features, vasz = stored_geometry(row._mapping)

@@ -36,15 +36,20 @@ class PreservedPage:
     restored_boot_id: int | None
 
 
+def _boot_rows(tx: Transaction, boot_id: int) -> list[PreservedPage]:
+    """Every preservation record of the boot (one query)."""
+    p = Preservation.__table__.c  # Core columns: compiled without the ORM layer
+    q = select(p.id, p.pfn, p.page_order, p.preserved_by, p.content_hash, p.restored_boot_id).where(
+        p.machine_id == tx.machine.id, p.boot_id == boot_id
+    )
+    return [PreservedPage(*r) for r in tx.conn.execute(q).all()]
+
+
 def _rows(tx: Transaction, boot_id: int, pfns: Sequence[int]) -> dict[int, PreservedPage]:
     """The boot's preservations of ``pfns`` (one query over the boot's records, filtered here:
     cheaper than a long IN list)."""
     wanted = set(pfns)
-    p = Preservation
-    q = select(p.id, p.pfn, p.page_order, p.preserved_by, p.content_hash, p.restored_boot_id).where(
-        p.machine_id == tx.machine.id, p.boot_id == boot_id
-    )
-    return {r.pfn: PreservedPage(*r) for r in tx.conn.execute(q).all() if r.pfn in wanted}
+    return {r.pfn: r for r in _boot_rows(tx, boot_id) if r.pfn in wanted}
 
 
 def preserved_by(tx: Transaction, who: str, boot_id: int | None = None) -> dict[int, PreservedPage]:
@@ -61,42 +66,49 @@ def preserved_by(tx: Transaction, who: str, boot_id: int | None = None) -> dict[
 @atomic
 def preserve_pages(
     tx: Transaction, pages: Iterable[tuple[int, int]], who: str, *, domain_id: int | None = None
-) -> None:
-    """Record ``(pfn, order)`` runs as handed over by this boot (``kho_preserve_folio``).
+) -> list[tuple[int, int, str]]:
+    """Record ``(pfn, order)`` runs as handed over by this boot (``kho_preserve_folio``); returns
+    every page ``who`` has preserved in this boot, these included, as (pfn, order, content hash).
 
     ``domain_id`` names the domain whose table frames these are (recorded with each
     frame's level, for SQL inspection)."""
     pages = list(pages)
     orders = dict(pages)
     mem = tx.memory
-    stored = mem.block_orders(orders)  # without the pages' bytes
-    for pfn, order in pages:
-        if pfn not in stored:
-            raise InvalidArgument(f"pfn {pfn:#x} is not allocated memory: nothing to preserve")
-        if stored[pfn] != order:
-            raise InvalidArgument(f"pfn {pfn:#x} is an order-{stored[pfn]} block, not order {order}")
     if len(orders) != len(pages):
+        stored = mem.block_orders(orders)  # a listing that does not fit is named before the repeat
+        for pfn, order in pages:
+            _check_block(pfn, stored.get(pfn), order)
         raise InvalidArgument("the same pfn is listed twice")
-    existing = _rows(tx, tx.machine.boot_id, list(orders))
-    if existing:
-        first = next(iter(existing.values()))
-        raise AlreadyExists(f"pfn {first.pfn:#x} is already preserved in this boot (by {first.preserved_by})")
-    # a batch at a time, so that the pages are never all held: a failure part-way is rolled back with the call
+    # a batch at a time, so that the pages are never all held; each batch is checked as it is read (its
+    # blocks' orders come with it) and nothing is written before every check has passed
+    new: list[tuple[int, int, str, int | None]] = []
     for batch in mem.batches(orders):
+        for pfn in batch:
+            _check_block(pfn, mem.order(pfn) if mem.is_allocated(pfn) else None, orders[pfn])
+            level = mem.meta(pfn).get("level") if domain_id is not None else None
+            new.append((pfn, orders[pfn], content_hash(mem.view(pfn)), level))
+    recorded = _boot_rows(tx, tx.machine.boot_id)
+    first = next((r for r in recorded if r.pfn in orders), None)
+    if first is not None:
+        raise AlreadyExists(f"pfn {first.pfn:#x} is already preserved in this boot (by {first.preserved_by})")
+    owner = {"machine_id": tx.machine.id, "boot_id": tx.machine.boot_id, "preserved_by": who, "domain_id": domain_id}
+    for i in range(0, len(new), _CHUNK):
         rows = [
-            {
-                "machine_id": tx.machine.id,
-                "pfn": pfn,
-                "page_order": orders[pfn],
-                "boot_id": tx.machine.boot_id,
-                "preserved_by": who,
-                "content_hash": content_hash(mem.view(pfn)),
-                "domain_id": domain_id,
-                "level": mem.meta(pfn).get("level") if domain_id is not None else None,
-            }
-            for pfn in batch
+            {**owner, "pfn": pfn, "page_order": order, "content_hash": h, "level": level}
+            for pfn, order, h, level in new[i : i + _CHUNK]
         ]
         insert_rows(tx.conn, Preservation.__table__, rows)  # type: ignore[arg-type]
+    own = [(r.pfn, r.order, r.content_hash) for r in recorded if r.preserved_by == who]
+    return own + [(pfn, order, h) for pfn, order, h, _ in new]
+
+
+def _check_block(pfn: int, stored: int | None, order: int) -> None:
+    """``pfn`` must be an allocated block (of order ``stored``; None: not allocated) of exactly ``order``."""
+    if stored is None:
+        raise InvalidArgument(f"pfn {pfn:#x} is not allocated memory: nothing to preserve")
+    if stored != order:
+        raise InvalidArgument(f"pfn {pfn:#x} is an order-{stored} block, not order {order}")
 
 
 @atomic

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, Table, delete, insert, select, update
 
 from ..abi import catalogue
 from ..abi.catalogue import DeviceDescriptorV1, DeviceDescriptorV2, dma_owner_token, dump_descriptor
@@ -30,7 +30,7 @@ from ..names import SESSION_NAME_BYTES, check_session_name
 from ..reports import FinishReport, SessionInfo
 from . import kho
 from .digests import owner_tag
-from .integrity import LIVE, compute_digests, verify_handover
+from .integrity import LIVE, StoredEntry, compute_digests, verify_handover
 from .iommu import drop_entry, preserve_domain, unpreserve_domain
 
 MAX_NAME_BYTES = SESSION_NAME_BYTES
@@ -188,26 +188,25 @@ def close_session(tx: Transaction, name: str) -> int:
     return len(entries)
 
 
-def seal_sessions(tx: Transaction) -> None:
-    """At the seal: every open session is frozen and handed over; device attachments must be intact."""
-    h = HandoverEntry
-    for token, desc_raw, device_id, version in tx.conn.execute(
-        select(h.token, h.descriptor, h.device_id, h.abi_version).where(
-            h.boot_id == tx.machine.boot_id, h.kind == "device", LIVE
-        )
-    ):
-        desc = catalogue.parse_descriptor("device", version, desc_raw, f"descriptor of token {token:#x}")
-        dev = tx.conn.execute(select(Device.domain_id, Device.did).where(Device.id == device_id)).first()
-        dom_entry = tx.conn.execute(
-            select(h.domain_id).where(h.boot_id == tx.machine.boot_id, h.token == desc.domain_token, LIVE)
-        ).first()
+def seal_sessions(tx: Transaction, entries: list[StoredEntry]) -> None:
+    """At the seal: every open session is frozen and handed over; device attachments must be intact.
+
+    ``entries``: the boot's handover entries, as ``read_entries`` gives them."""
+    live = {e.token: e for e in entries if not e.deleted}
+    for e in live.values():
+        if e.kind != "device":
+            continue
+        desc = catalogue.parse_descriptor("device", e.abi_version, e.descriptor, f"descriptor of token {e.token:#x}")
+        dev = tx.conn.execute(select(Device.domain_id, Device.did).where(Device.id == e.device_id)).first()
+        dom_entry = live.get(desc.domain_token)
         if dev is None or dom_entry is None or (dev.domain_id, dev.did) != (dom_entry.domain_id, desc.did):
             from .boots import SealRefused
 
-            raise SealRefused(f"token {token:#x}: the preserved device attachment changed")
+            raise SealRefused(f"token {e.token:#x}: the preserved device attachment changed")
+    sessions: Table = LuoSession.__table__  # type: ignore[assignment]  # Core: compiled without the ORM layer
     tx.conn.execute(
-        update(LuoSession)
-        .where(LuoSession.boot_id == tx.machine.boot_id, LuoSession.state == "open")
+        update(sessions)
+        .where(sessions.c.boot_id == tx.machine.boot_id, sessions.c.state == "open")
         .values(state="sealed")
     )
 
