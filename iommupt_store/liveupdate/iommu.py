@@ -414,12 +414,11 @@ def restore_domain(tx: Transaction, token: int) -> Domain:
     dom = domain_alloc(tx, desc.format)
     pt = dom.pt
     pt.frames.free_tables([pt.top_phys])
-    kho.restore_pages(tx, [(pfn, 0) for pfn, _ in frames], owner_tag(old_id))
-    levels = dict(frames)
-    for batch in tx.memory.batches(levels):
-        for pfn in batch:
-            # the frames change hands; the old kernel's per-frame state (incoherent) is stale
-            tx.memory.set_meta(pfn, domain_id=dom.id, level=levels[pfn], incoherent=False)
+    # the frames change hands (the walk proved each one's level); the old kernel's per-frame
+    # state (incoherent) is stale
+    kho.restore_pages(
+        tx, [(pfn, 0) for pfn, _ in frames], owner_tag(old_id), meta={"domain_id": dom.id, "incoherent": False}
+    )
     crashpoint("restore")
     features = frozenset({Feature.SIGN_EXTEND}) if desc.sign_extend else frozenset()
     pt.adopt(top_phys=desc.top_table_phys, top_level=desc.top_level, max_vasz_lg2=desc.vasz, features=features)

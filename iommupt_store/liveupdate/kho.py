@@ -9,8 +9,9 @@ error rather than a WARN or BUG_ON. Every call is all-or-nothing.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete, select, update
 
@@ -142,11 +143,15 @@ def incoming_boot_id(tx: Transaction) -> int:
 
 
 @atomic
-def restore_pages(tx: Transaction, pages: Sequence[tuple[int, int]], who: str | None = None) -> None:
+def restore_pages(
+    tx: Transaction, pages: Sequence[tuple[int, int]], who: str | None = None, *, meta: Mapping[str, Any] | None = None
+) -> None:
     """Re-claim pages the previous boot preserved (``kho_restore_folio``), all or none.
 
     Each must be preserved by the previous (sealed) boot, at that order, by
     ``who`` when given, not yet restored, with the bytes it had when preserved.
+    ``meta``: page columns the new owner sets on every page, in the same pass
+    (each page is read once, however large the set).
     """
     prev = incoming_boot_id(tx)
     rows = _rows(tx, prev, [pfn for pfn, _ in pages])
@@ -165,6 +170,8 @@ def restore_pages(tx: Transaction, pages: Sequence[tuple[int, int]], who: str | 
                 raise AlreadyExists(f"pfn {pfn:#x} has already been restored")
             if content_hash(mem.view(pfn)) != row.content_hash:
                 raise BadData(f"pfn {pfn:#x} changed after it was preserved (content hash mismatch)")
+            # a later page's refusal undoes this with the rest of the call
+            mem.set_meta(pfn, boot_id=tx.machine.boot_id, **(meta or {}))
     ids = [rows[pfn].id for pfn, _ in pages]
     for i in range(0, len(ids), _CHUNK):
         tx.conn.execute(
@@ -172,6 +179,3 @@ def restore_pages(tx: Transaction, pages: Sequence[tuple[int, int]], who: str | 
             .where(Preservation.id.in_(ids[i : i + _CHUNK]))
             .values(restored_boot_id=tx.machine.boot_id)
         )
-    for batch in mem.batches(pfn for pfn, _ in pages):
-        for pfn in batch:
-            mem.set_meta(pfn, boot_id=tx.machine.boot_id)
