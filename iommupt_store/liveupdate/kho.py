@@ -150,8 +150,8 @@ def restore_pages(
 
     Each must be preserved by the previous (sealed) boot, at that order, by
     ``who`` when given, not yet restored, with the bytes it had when preserved.
-    ``meta``: page columns the new owner sets on every page, in the same pass
-    (each page is read once, however large the set).
+    ``meta``: page columns the new owner sets on every page along with the boot
+    (in bulk: no page is read again for it).
     """
     prev = incoming_boot_id(tx)
     rows = _rows(tx, prev, [pfn for pfn, _ in pages])
@@ -170,8 +170,6 @@ def restore_pages(
                 raise AlreadyExists(f"pfn {pfn:#x} has already been restored")
             if content_hash(mem.view(pfn)) != row.content_hash:
                 raise BadData(f"pfn {pfn:#x} changed after it was preserved (content hash mismatch)")
-            # a later page's refusal undoes this with the rest of the call
-            mem.set_meta(pfn, boot_id=tx.machine.boot_id, **(meta or {}))
     ids = [rows[pfn].id for pfn, _ in pages]
     for i in range(0, len(ids), _CHUNK):
         tx.conn.execute(
@@ -179,3 +177,4 @@ def restore_pages(
             .where(Preservation.id.in_(ids[i : i + _CHUNK]))
             .values(restored_boot_id=tx.machine.boot_id)
         )
+    mem.set_meta_many(list(orders), boot_id=tx.machine.boot_id, **(meta or {}))
