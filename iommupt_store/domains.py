@@ -70,7 +70,8 @@ class MemoryFrames:
         tables = list(tables)
         for i in range(0, len(tables), FETCH_BATCH):
             batch = tables[i : i + FETCH_BATCH]
-            self.prefetch(batch)
+            # a freed table's bytes are never read: its order and owner are enough
+            self.memory.load_meta([phys >> PAGE_SHIFT for phys in batch])
             for phys in batch:
                 self.memory.free(self._pfn(phys))
 

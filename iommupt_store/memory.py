@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -313,9 +313,10 @@ class Memory:
         allocator.free(pfn, page.order)
 
     # -- contents ----------------------------------------------------------------
-    def _page(self, pfn: int) -> _CachedPage:
+    def _page(self, pfn: int, *, contents: bool = False) -> _CachedPage:
+        """The cached page (its bytes loaded too if ``contents``)."""
         page = self._cache.get(pfn)
-        if page is None:
+        if page is None or (contents and page.contents is None):
             self.load([pfn])
             page = self._cache.get(pfn)
         if page is None or page.freed:
@@ -327,12 +328,27 @@ class Memory:
         wanted = []
         for p in pfns:
             page = self._cache.pop(p, None)
+            if page is not None:
+                self._cache[p] = page  # now the newest: a trim while the rest load keeps it
             if page is None or page.contents is None:
                 wanted.append(p)
-            else:
-                self._cache[p] = page  # now the newest: a trim while the rest load keeps it
         for i in range(0, len(wanted), _CHUNK):
             self._fetch(one_of(self.conn, _PAGES.c.pfn, wanted[i : i + _CHUNK]))
+
+    def load_meta(self, pfns: Iterable[int]) -> None:
+        """Bring pages not cached yet into the cache without their bytes (read when first needed):
+        enough to check their columns and free them, at a fraction of the cost of a full load."""
+        names = [c.name for c in _META_COLS]
+        unknown = [p for p in pfns if p not in self._cache]
+        for i in range(0, len(unknown), _CHUNK):
+            rows = self.conn.execute(
+                select(_PAGES.c.pfn, _PAGES.c.page_order, *_META_COLS).where(
+                    _PAGES.c.machine_id == self.machine_id, _PAGES.c.pfn.in_(unknown[i : i + _CHUNK])
+                )
+            ).all()
+            for pfn, order, *meta in rows:
+                self._cache[pfn] = _CachedPage(order=order, meta=dict(zip(names, meta, strict=True)), call=self._call)
+            self._trim()
 
     def block_orders(self, pfns: Iterable[int]) -> dict[int, int]:
         """The order of each allocated block among ``pfns`` (others are left out), read without
@@ -378,6 +394,10 @@ class Memory:
         found = []
         for pfn, order, contents, *meta in rows:
             found.append(pfn)
+            known = self._cache.get(pfn)
+            if known is not None and known.contents is None:  # loaded without its bytes: keep its changes
+                known.contents = bytearray(contents)
+                continue
             # read during a call: it may hold what the call wrote early, so an undo drops it
             self._cache[pfn] = _CachedPage(
                 order=order, meta=dict(zip(names, meta, strict=True)), contents=bytearray(contents), call=self._call
@@ -425,19 +445,35 @@ class Memory:
         page.meta.update(values)
         page.meta_dirty.update(values)
 
+    def set_meta_many(self, pfns: Sequence[int], **values: Any) -> None:
+        """``set_meta`` of the same values on many allocated pages: one UPDATE per chunk of
+        rows, none of them read (a cached page is changed in place, undoably)."""
+        _check_meta(values)
+        for pfn in pfns:
+            page = self._cache.get(pfn)
+            if page is not None:
+                self._save(pfn)
+                page.meta.update(values)
+        for i in range(0, len(pfns), _CHUNK):
+            self.conn.execute(
+                update(_PAGES)
+                .where(_PAGES.c.machine_id == self.machine_id, _PAGES.c.pfn.in_(pfns[i : i + _CHUNK]))
+                .values(**values)
+            )
+
     def view(self, pfn: int) -> memoryview:
         """The page's bytes, read-only and without a copy (e.g. to hash them)."""
-        contents = self._page(pfn).contents
+        contents = self._page(pfn, contents=True).contents
         assert contents is not None
         return memoryview(contents).toreadonly()
 
     def read(self, pfn: int) -> bytes:
-        contents = self._page(pfn).contents
+        contents = self._page(pfn, contents=True).contents
         assert contents is not None
         return bytes(contents)
 
     def write(self, pfn: int, data: bytes, offset: int = 0) -> None:
-        page = self._page(pfn)
+        page = self._page(pfn, contents=True)
         self._save(pfn)
         assert page.contents is not None
         if offset < 0 or offset + len(data) > len(page.contents):
@@ -451,7 +487,7 @@ class Memory:
 
     def words_rw(self, pfn: int, *, _dirty: bool = True) -> memoryview:
         """The page as writable u64 words; the page is written back at flush."""
-        page = self._page(pfn)
+        page = self._page(pfn, contents=True)
         assert page.contents is not None
         if not _NATIVE_LE:  # pragma: no cover - big-endian hosts would need byte swapping
             raise NotImplementedError("iommupt-store needs a little-endian host")

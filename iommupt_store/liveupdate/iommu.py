@@ -248,33 +248,33 @@ def validate_geometry(desc: Any) -> None:
         raise BadData("descriptor is flagged DELETED")
 
 
-def _walk_preserved(
-    tx: Transaction, desc: Any, preserved: dict[int, kho.PreservedPage], old_domain: int
-) -> list[tuple[int, int]]:
-    """The preserved tables reachable from the descriptor's top, pre-order, as (pfn, level).
+def _walk_preserved(tx: Transaction, desc: Any, unvisited: set[int], old_domain: int) -> list[int]:
+    """The preserved tables reachable from the descriptor's top, pre-order (pfns).
 
-    Every table must be a page preserved for this domain, reached once.
+    Every table must be a page preserved for this domain, reached once. ``unvisited`` holds
+    the domain's preserved pfns; each is taken out as it is reached (one set for both checks:
+    the walk holds nothing else per table), so what is left is what the walk did not reach.
     """
     fmt = get_format(desc.format)
     features = frozenset({Feature.SIGN_EXTEND}) if desc.sign_extend else frozenset()
     mem = tx.memory
-    out: list[tuple[int, int]] = []
-    seen: set[int] = set()
+    out: list[int] = []
 
     def visit(pfn: int, level: int, n: int, via: str) -> None:
-        if pfn not in preserved:
+        if pfn not in unvisited:
+            if pfn in out:  # only on the way to an error: a linear search is fine
+                raise BadData(f"{via} points to pfn {pfn:#x} a second time (cycle or shared table)")
             raise BadData(f"{via} points to pfn {pfn:#x}, which was not preserved for domain {old_domain}")
-        if pfn in seen:
-            raise BadData(f"{via} points to pfn {pfn:#x} a second time (cycle or shared table)")
         if not mem.is_allocated(pfn):
             raise BadData(f"{via} points to pfn {pfn:#x}, which was preserved but holds no stored page")
         meta = mem.meta(pfn)
-        if len(mem.view(pfn)) != PAGE_SIZE:
+        # a leaf table's bytes are not read here: restore_pages checks them against their hash
+        if mem.order(pfn) != 0 or (level > 0 and len(mem.view(pfn)) != PAGE_SIZE):
             raise BadData(f"{via} points to pfn {pfn:#x}, whose stored contents are not one page")
         if meta.get("domain_id") != old_domain or meta.get("level") != level:
             raise BadData(f"{via} points to pfn {pfn:#x}, which is not a level-{level} table of domain {old_domain}")
-        seen.add(pfn)
-        out.append((pfn, level))
+        unvisited.remove(pfn)
+        out.append(pfn)
         if level == 0:
             return
         children = []
@@ -283,7 +283,8 @@ def _walk_preserved(
                 d = fmt.decode(raw, level, features)
                 if d.type is EntryType.TABLE:
                     children.append((i, d.addr >> PAGE_SHIFT))
-        mem.load([child for _, child in children])  # one query for the table's children
+        # one query for the table's children
+        (mem.load if level > 1 else mem.load_meta)([child for _, child in children])
         for i, child in children:
             visit(child, level - 1, ITEMS_PER_TABLE, f"entry {i} of table {pfn:#x}")
 
@@ -385,8 +386,8 @@ def read_descriptor(tx: Transaction, entry: StoredEntry) -> Any:
     return catalogue.read_along(entry.kind, path, entry.descriptor, what)
 
 
-def _checked_handover(tx: Transaction, prev: int, entry: StoredEntry) -> tuple[Any, int, list[tuple[int, int]]]:
-    """The entry's descriptor, old domain and preserved tables (pfn, level), once everything that
+def _checked_handover(tx: Transaction, prev: int, entry: StoredEntry) -> tuple[Any, int, list[int]]:
+    """The entry's descriptor, old domain and preserved tables (pfns), once everything that
     describes them is proven to be what the previous boot recorded."""
     token = entry.token
     desc = read_descriptor(tx, entry)
@@ -396,15 +397,14 @@ def _checked_handover(tx: Transaction, prev: int, entry: StoredEntry) -> tuple[A
     old = entry.domain_id
     # a wrong format or sign extension would make the walk below decode the frames as something else
     _check_against_old_domain(tx, desc, old, token, ("format", "sign_extend"))
-    preserved = kho.preserved_by(tx, owner_tag(old), prev)
-    frames = _walk_preserved(tx, desc, preserved, old)
-    unreached = sorted(set(preserved) - {pfn for pfn, _ in frames})
+    unreached = kho.preserved_pfns(tx, owner_tag(old), prev)
+    frames = _walk_preserved(tx, desc, unreached, old)
     if unreached:
         # the descriptor decodes less than was handed over (e.g. a narrowed vasz): restoring it would
         # change translations and leave preserved tables behind
         raise BadData(
             f"descriptor of token {token:#x} does not reach {len(unreached)} frame(s) preserved for domain "
-            f"{old}: {[hex(p) for p in unreached[:4]]}"
+            f"{old}: {[hex(p) for p in sorted(unreached)[:4]]}"
         )
     _check_against_old_domain(tx, desc, old, token)
     # nothing is trusted that the previous boot did not record: the whole handover must match its seal
@@ -427,12 +427,11 @@ def restore_domain(tx: Transaction, token: int) -> Domain:
     dom = domain_alloc(tx, desc.format)
     pt = dom.pt
     pt.frames.free_tables([pt.top_phys])
-    kho.restore_pages(tx, [(pfn, 0) for pfn, _ in frames], owner_tag(old_id))
-    levels = dict(frames)
-    for batch in tx.memory.batches(levels):
-        for pfn in batch:
-            # the frames change hands; the old kernel's per-frame state (incoherent) is stale
-            tx.memory.set_meta(pfn, domain_id=dom.id, level=levels[pfn], incoherent=False)
+    # the frames change hands (the walk proved each one's level); the old kernel's per-frame
+    # state (incoherent) is stale
+    kho.restore_pages(
+        tx, [(pfn, 0) for pfn in frames], owner_tag(old_id), meta={"domain_id": dom.id, "incoherent": False}
+    )
     crashpoint("restore")
     features = frozenset({Feature.SIGN_EXTEND}) if desc.sign_extend else frozenset()
     pt.adopt(top_phys=desc.top_table_phys, top_level=desc.top_level, max_vasz_lg2=desc.vasz, features=features)

@@ -9,8 +9,9 @@ error rather than a WARN or BUG_ON. Every call is all-or-nothing.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete, select, update
 
@@ -61,6 +62,13 @@ def preserved_by(tx: Transaction, who: str, boot_id: int | None = None) -> dict[
         p.preserved_by == who,
     )
     return {r.pfn: PreservedPage(*r) for r in tx.conn.execute(q).all()}
+
+
+def preserved_pfns(tx: Transaction, who: str, boot_id: int) -> set[int]:
+    """The pfns of every page ``who`` preserved in ``boot_id`` (just the numbers)."""
+    p = Preservation
+    q = select(p.pfn).where(p.machine_id == tx.machine.id, p.boot_id == boot_id, p.preserved_by == who)
+    return set(tx.conn.execute(q).scalars())
 
 
 @atomic
@@ -154,36 +162,42 @@ def incoming_boot_id(tx: Transaction) -> int:
 
 
 @atomic
-def restore_pages(tx: Transaction, pages: Sequence[tuple[int, int]], who: str | None = None) -> None:
+def restore_pages(
+    tx: Transaction, pages: Sequence[tuple[int, int]], who: str | None = None, *, meta: Mapping[str, Any] | None = None
+) -> None:
     """Re-claim pages the previous boot preserved (``kho_restore_folio``), all or none.
 
     Each must be preserved by the previous (sealed) boot, at that order, by
     ``who`` when given, not yet restored, with the bytes it had when preserved.
+    ``meta``: page columns the new owner sets on every page along with the boot
+    (in bulk: no page is read again for it).
     """
     prev = incoming_boot_id(tx)
-    rows = _rows(tx, prev, [pfn for pfn, _ in pages])
     mem = tx.memory
-    orders = dict(pages)
-    for batch in mem.batches(pfn for pfn, _ in pages):
-        for pfn in batch:
+    p = Preservation
+    # a chunk at a time (its records found by the boot's pfn key, its pages' bytes, its updates):
+    # nothing held grows with the number of pages, and a refusal part-way is undone with the call
+    for i in range(0, len(pages), _CHUNK):
+        chunk = pages[i : i + _CHUNK]
+        pfns = [pfn for pfn, _ in chunk]
+        q = select(p.id, p.pfn, p.page_order, p.preserved_by, p.content_hash, p.restored_boot_id).where(
+            p.machine_id == tx.machine.id, p.boot_id == prev, p.pfn.in_(pfns)
+        )
+        rows = {r.pfn: PreservedPage(*r) for r in tx.conn.execute(q).all()}
+        mem.load(pfns)
+        for pfn, order in chunk:
             row = rows.get(pfn)
             if row is None:
                 raise NotFound(f"pfn {pfn:#x} was not preserved by the previous boot")
             if who is not None and row.preserved_by != who:
                 raise NotPermitted(f"pfn {pfn:#x} was preserved by {row.preserved_by}, not {who}")
-            if row.order != orders[pfn]:
-                raise InvalidArgument(f"pfn {pfn:#x} was preserved at order {row.order}, not {orders[pfn]}")
+            if row.order != order:
+                raise InvalidArgument(f"pfn {pfn:#x} was preserved at order {row.order}, not {order}")
             if row.restored_boot_id is not None:
                 raise AlreadyExists(f"pfn {pfn:#x} has already been restored")
             if content_hash(mem.view(pfn)) != row.content_hash:
                 raise BadData(f"pfn {pfn:#x} changed after it was preserved (content hash mismatch)")
-    ids = [rows[pfn].id for pfn, _ in pages]
-    for i in range(0, len(ids), _CHUNK):
         tx.conn.execute(
-            update(Preservation)
-            .where(Preservation.id.in_(ids[i : i + _CHUNK]))
-            .values(restored_boot_id=tx.machine.boot_id)
+            update(p).where(p.id.in_([rows[pfn].id for pfn in pfns])).values(restored_boot_id=tx.machine.boot_id)
         )
-    for batch in mem.batches(pfn for pfn, _ in pages):
-        for pfn in batch:
-            mem.set_meta(pfn, boot_id=tx.machine.boot_id)
+        mem.set_meta_many(pfns, boot_id=tx.machine.boot_id, **(meta or {}))
