@@ -59,8 +59,18 @@ class MemoryFrames:
             raise BadData(f"table pointer {phys:#x} is not an allocated page")
         if self.memory.meta(pfn).get("domain_id") != self.domain_id:
             raise BadData(f"table pointer {phys:#x} is not a frame of domain {self.domain_id}")
-        if self.memory.order(pfn) or self.memory.nbytes(pfn) != PAGE_SIZE:  # a hand edit may have resized it
-            raise BadData(f"page row (pfn {pfn:#x}) of domain {self.domain_id}: a table frame is not one whole page")
+        if self.memory.order(pfn):
+            raise self._not_one_page(pfn)
+        return pfn
+
+    def _not_one_page(self, pfn: int) -> BadData:
+        return BadData(f"page row (pfn {pfn:#x}) of domain {self.domain_id}: a table frame is not one whole page")
+
+    def _frame(self, phys: int) -> int:
+        """``_pfn``, for a frame whose bytes are used: they must be one page (a hand edit may resize them)."""
+        pfn = self._pfn(phys)
+        if self.memory.nbytes(pfn) != PAGE_SIZE:
+            raise self._not_one_page(pfn)
         return pfn
 
     def alloc_table(self, level: int) -> int:
@@ -79,10 +89,10 @@ class MemoryFrames:
         self.memory.load([phys >> PAGE_SHIFT for phys in tables])
 
     def read(self, phys: int) -> memoryview:
-        return self.memory.words(self._pfn(phys))
+        return self.memory.words(self._frame(phys))
 
     def write(self, phys: int) -> memoryview:
-        return self.memory.words_rw(self._pfn(phys))
+        return self.memory.words_rw(self._frame(phys))
 
 
 class Domain:

@@ -431,7 +431,7 @@ class Memory:
 
     def nbytes(self, pfn: int) -> int:
         """How many bytes the block holds as stored (``PAGE_SIZE << order`` unless a hand edit changed it)."""
-        contents = self._page(pfn).contents
+        contents = self._page(pfn, contents=True).contents
         assert contents is not None
         return len(contents)
 
