@@ -12,6 +12,7 @@ import pytest
 from iommupt_store.domains import DEFAULTS, domain_alloc, frame_counts, get_domain, hardware_walker, list_domains
 from iommupt_store.errors import (
     AddressInUse,
+    BadData,
     InvalidArgument,
     KernelGone,
     NoSuchAddress,
@@ -361,3 +362,24 @@ def test_cold_reboot_frees_domains_and_pages(store: Store, machine: Machine, db_
         # the new boot allocates from the bottom again
         d = domain_alloc(tx, "x86_64")
         assert d.info().top_phys == 0x10_0000
+
+
+def test_a_shortened_frame_is_bad_data_when_a_walk_reaches_it(machine: Machine, db_path: Path) -> None:
+    """Opening a domain reads no frames; the walk that reaches a hand-shortened one refuses it."""
+    with machine.transaction() as tx:
+        dom = domain_alloc(tx, "x86_64")
+        dom.map_range(0, 0x200000, 4 * K4)
+        dom.map_range(UPPER48, 0x200000, 4 * K4)
+    conn = sqlite3.connect(db_path)
+    with conn:
+        conn.execute("PRAGMA ignore_check_constraints = ON")
+        leaf = conn.execute("SELECT max(pfn) FROM page WHERE domain_id = ? AND level = 0", (dom.id,)).fetchone()[0]
+        conn.execute("UPDATE page SET contents = zeroblob(100) WHERE pfn = ?", (leaf,))
+    conn.close()
+    with machine.transaction(write=False) as tx:
+        opened = get_domain(tx, dom.id)
+        assert opened.iova_to_phys(0) == 0x200000  # the other half of the tree is intact
+        with pytest.raises(BadData, match=f"pfn {leaf:#x}.*not one whole page"):
+            opened.iova_to_phys(UPPER48)
+    with machine.transaction() as tx:
+        assert get_domain(tx, dom.id).free() == 7  # free reads no leaf bytes: the frame goes with the rest
