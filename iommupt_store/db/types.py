@@ -50,14 +50,19 @@ class _Checked(TypeDecorator[Any]):
     def result_processor(self, dialect: Dialect, coltype: Any) -> Callable[[Any], Any] | None:
         inner = super().result_processor(dialect, coltype)
         strict_raw = dialect.name == "sqlite"
+        # exact classes first: the common case costs one set lookup (a bool is never an int here)
+        exact = frozenset(t for t in self.raw_types if t is not object)
 
         def process(value: Any) -> Any:
             if value is None:
                 return None
-            if strict_raw and (not isinstance(value, self.raw_types) or isinstance(value, bool)):
-                raise MalformedValue(self.label, value, self.expected)
+            if strict_raw and value.__class__ not in exact:
+                if not isinstance(value, self.raw_types) or isinstance(value, bool):
+                    raise MalformedValue(self.label, value, self.expected)
+            if inner is None:
+                return value
             try:
-                return inner(value) if inner is not None else value
+                return inner(value)
             except (ValueError, TypeError, OverflowError) as e:
                 raise MalformedValue(self.label, value, self.expected) from e
 
