@@ -56,9 +56,12 @@ class _Checked(TypeDecorator[Any]):
         def process(value: Any) -> Any:
             if value is None:
                 return None
-            if strict_raw and value.__class__ not in exact:
-                if not isinstance(value, self.raw_types) or isinstance(value, bool):
-                    raise MalformedValue(self.label, value, self.expected)
+            if (
+                strict_raw
+                and value.__class__ not in exact
+                and (not isinstance(value, self.raw_types) or isinstance(value, bool))
+            ):
+                raise MalformedValue(self.label, value, self.expected)
             if inner is None:
                 return value
             try:
