@@ -155,8 +155,11 @@ class Allocator:
         ext.insert(idx, [a, b])
 
     def lowest_free(self) -> int:
-        """The lowest pfn that may be free: what the stored hint becomes."""
-        return self.extents[0][0] if self.extents else self.hi
+        """The lowest free pfn at or above ``start`` (``npages`` when there is none), reading
+        further windows as needed: what the database holds decides it, not this window's history."""
+        while not self.extents and self.hi < self.npages:
+            self._extend()
+        return self.extents[0][0] if self.extents else self.npages
 
     def free(self, pfn: int, order: int) -> None:
         # above the window the database will show it after the flush that precedes a window read
@@ -178,6 +181,9 @@ class Memory:
         self._allocator: Allocator | None = None
         #: the allocator hint as stored (``machine.free_from``)
         self._hint = 0
+        #: allocations since the hint was last stored (a failed call's count too: it is recomputed)
+        self._allocated = False
+        self._storing_hint = False
         #: the undoable call in progress (0: none) and the last one started
         self._call = self._calls = 0
         #: copies of the pages the call changed that differed from the database before it
@@ -247,11 +253,20 @@ class Memory:
         return f"machine.free_from ({stored:#x}) is above the free pfn {lowest:#x}: allocation would skip free pages"
 
     def _store_hint(self) -> None:
-        """Record how far memory is known to be full (frees lower it again: a trigger on page rows)."""
-        if self._allocator is None or self._allocator.lowest_free() == self._hint:
+        """After allocations, store the lowest free pfn as the hint (frees lower it again: a trigger
+        on page rows). It is computed from the database, so any two transactions that leave the
+        same pages store the same hint."""
+        if not self._allocated or self._storing_hint:
             return
-        self._hint = self._allocator.lowest_free()
-        self.conn.execute(update(_MACHINES).where(_MACHINES.c.id == self.machine_id).values(free_from=self._hint))
+        self._storing_hint = True  # reading a window may flush, which comes back here
+        try:
+            lowest = self.allocator.lowest_free()  # an allocator an undo dropped is read again
+        finally:
+            self._storing_hint = False
+        self._allocated = False
+        if lowest != self._hint:
+            self._hint = lowest
+            self.conn.execute(update(_MACHINES).where(_MACHINES.c.id == self.machine_id).values(free_from=lowest))
 
     def _free_gaps(self, pos: int) -> tuple[list[tuple[int, int]], int]:
         """Up to ``_GAPS`` free extents from ``pos`` (free or a block's start) as the database
@@ -289,6 +304,7 @@ class Memory:
             raise InvalidArgument(f"page order {order} is outside 0..{MAX_ORDER}")
         _check_meta(meta)
         pfn = self.allocator.alloc(order)
+        self._allocated = True
         self._save(pfn)
         old = self._cache.get(pfn)
         page = _CachedPage(
@@ -545,7 +561,6 @@ class Memory:
             )
             execute_many(self.conn, stmt, rows)
         insert_rows(self.conn, _PAGES, inserts)
-        self._store_hint()
         written = len(inserts) + sum(len(r) for r in updates.values()) + len(deletes)
         for pfn in [p for p, pg in self._cache.items() if pg.freed]:
             del self._cache[pfn]
@@ -554,6 +569,7 @@ class Memory:
             # a page someone holds a writable view of may still change: write it again next time
             page.contents_dirty = page.contents_dirty and _exported(page)
             page.meta_dirty.clear()
+        self._store_hint()
         return written
 
     def release(self) -> None:
