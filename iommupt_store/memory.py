@@ -43,6 +43,7 @@ FIRST_PFN = 0x100
 _PAGES: Table = Page.__table__  # type: ignore[assignment]
 _MACHINES: Table = Machine.__table__  # type: ignore[assignment]
 _META_COLS = [c for c in _PAGES.c if c.name not in ("machine_id", "pfn", "page_order", "contents")]
+_META_NAMES = [c.name for c in _META_COLS]
 _NATIVE_LE = sys.byteorder == "little"
 _CHUNK = 500
 #: pages a transaction keeps in memory before it writes changed ones and drops unchanged ones
@@ -246,8 +247,7 @@ class Memory:
     def hint_problem(self) -> str | None:
         """Whether the stored hint skips free memory (only a hand edit can make it do so)."""
         stored = self._stored_hint()
-        gaps, _ = self._free_gaps(FIRST_PFN)
-        lowest = min([a for a, b in gaps if a < b], default=self.npages)
+        lowest = Allocator(self.npages, self._free_gaps).lowest_free()  # searched from the first pfn
         if stored is None or stored <= lowest:
             return None
         return f"machine.free_from ({stored:#x}) is above the free pfn {lowest:#x}: allocation would skip free pages"
@@ -354,16 +354,17 @@ class Memory:
     def load_meta(self, pfns: Iterable[int]) -> None:
         """Bring pages not cached yet into the cache without their bytes (read when first needed):
         enough to check their columns and free them, at a fraction of the cost of a full load."""
-        names = [c.name for c in _META_COLS]
         unknown = [p for p in pfns if p not in self._cache]
         for i in range(0, len(unknown), _CHUNK):
             rows = self.conn.execute(
                 select(_PAGES.c.pfn, _PAGES.c.page_order, *_META_COLS).where(
-                    _PAGES.c.machine_id == self.machine_id, _PAGES.c.pfn.in_(unknown[i : i + _CHUNK])
+                    _PAGES.c.machine_id == self.machine_id, one_of(self.conn, _PAGES.c.pfn, unknown[i : i + _CHUNK])
                 )
             ).all()
             for pfn, order, *meta in rows:
-                self._cache[pfn] = _CachedPage(order=order, meta=dict(zip(names, meta, strict=True)), call=self._call)
+                self._cache[pfn] = _CachedPage(
+                    order=order, meta=dict(zip(_META_NAMES, meta, strict=True)), call=self._call
+                )
             self._trim()
 
     def block_orders(self, pfns: Iterable[int]) -> dict[int, int]:
@@ -401,7 +402,6 @@ class Memory:
             yield batch
 
     def _fetch(self, *cond: Any) -> list[int]:
-        names = [c.name for c in _META_COLS]
         rows = self.conn.execute(
             select(_PAGES.c.pfn, _PAGES.c.page_order, _PAGES.c.contents, *_META_COLS).where(
                 _PAGES.c.machine_id == self.machine_id, *cond
@@ -416,7 +416,10 @@ class Memory:
                 continue
             # read during a call: it may hold what the call wrote early, so an undo drops it
             self._cache[pfn] = _CachedPage(
-                order=order, meta=dict(zip(names, meta, strict=True)), contents=bytearray(contents), call=self._call
+                order=order,
+                meta=dict(zip(_META_NAMES, meta, strict=True)),
+                contents=bytearray(contents),
+                call=self._call,
             )
         self._trim()
         return found
@@ -473,7 +476,7 @@ class Memory:
         for i in range(0, len(pfns), _CHUNK):
             self.conn.execute(
                 update(_PAGES)
-                .where(_PAGES.c.machine_id == self.machine_id, _PAGES.c.pfn.in_(pfns[i : i + _CHUNK]))
+                .where(_PAGES.c.machine_id == self.machine_id, one_of(self.conn, _PAGES.c.pfn, pfns[i : i + _CHUNK]))
                 .values(**values)
             )
 
